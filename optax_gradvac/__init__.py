@@ -1,0 +1,29 @@
+"""Multi-task gradient surgery for Optax: Gradient Vaccine and PCGrad."""
+
+from optax_gradvac._algorithm import Surgery as Surgery
+from optax_gradvac._algorithm import gradvac_coefficients as gradvac_coefficients
+from optax_gradvac._algorithm import pairwise_cosine as pairwise_cosine
+from optax_gradvac._algorithm import visiting_order as visiting_order
+from optax_gradvac._pytree import group_names as group_names
+from optax_gradvac._task_gradients import task_value_and_grad as task_value_and_grad
+from optax_gradvac._transform import GradVacState as GradVacState
+from optax_gradvac._transform import gradvac as gradvac
+from optax_gradvac._transform import mean_tasks as mean_tasks
+from optax_gradvac._transform import pcgrad as pcgrad
+from optax_gradvac._transform import sum_tasks as sum_tasks
+
+__version__ = "0.1.0"
+
+__all__ = (
+  "GradVacState",
+  "Surgery",
+  "gradvac",
+  "gradvac_coefficients",
+  "group_names",
+  "mean_tasks",
+  "pairwise_cosine",
+  "pcgrad",
+  "sum_tasks",
+  "task_value_and_grad",
+  "visiting_order",
+)
