@@ -52,7 +52,7 @@ def _cosine(dot: jax.Array, sq_norm_a: jax.Array, sq_norm_b: jax.Array) -> jax.A
   return jnp.where(positive, jnp.clip(cosine, -1, 1), 0)
 
 
-def pairwise_cosine(gram: jax.Array) -> jax.Array:
+def pairwise_cosine(gram: jax.typing.ArrayLike) -> jax.Array:
   """Cosine similarity of every pair of vectors from their Gram matrix.
 
   Args:
@@ -62,6 +62,7 @@ def pairwise_cosine(gram: jax.Array) -> jax.Array:
     ``[..., T, T]`` cosines in ``[-1, 1]``; 0 in the rows and columns of zero
     vectors.
   """
+  gram = jnp.asarray(gram)
   gram = jax.vmap(_normalise)(gram.reshape(-1, *gram.shape[-2:])).reshape(gram.shape)
   sq_norms = jnp.diagonal(gram, axis1=-2, axis2=-1)
   return _cosine(gram, sq_norms[..., :, None], sq_norms[..., None, :])
@@ -97,9 +98,9 @@ def visiting_order(
 
 
 def gradvac_coefficients(
-  gram: jax.Array,
-  targets: jax.Array,
-  order: jax.Array,
+  gram: jax.typing.ArrayLike,
+  targets: jax.typing.ArrayLike,
+  order: jax.typing.ArrayLike,
   beta: jax.typing.ArrayLike,
   *,
   eps: jax.typing.ArrayLike = 1e-8,
@@ -150,6 +151,7 @@ def gradvac_coefficients(
     Optimization in Massively Multilingual Models
     <https://arxiv.org/abs/2010.05874>`_, 2021
   """
+  gram, targets, order = jnp.asarray(gram), jnp.asarray(targets), jnp.asarray(order)
   num_tasks = gram.shape[-1]
   gram = _normalise(gram)
   sq_norms = jnp.diagonal(gram)

@@ -97,40 +97,37 @@ def check_task_axis(
   With ``num_tasks=None`` the leading axis of the first leaf sets it.
   """
   flat = jax.tree_util.tree_flatten_with_path(updates)[0]
-  paths = [path for path, _ in flat]
-  leaves = [leaf for _, leaf in flat]
-  for path, leaf in flat:
+  param_shapes = [None] * len(flat)
+  if params is not None:
+    param_shapes = [tuple(jnp.shape(param)) for param in jax.tree.leaves(params)]
+    if len(param_shapes) != len(flat):
+      raise ValueError(
+        f"{name}: the gradients have {len(flat)} leaves but params has "
+        f"{len(param_shapes)}: they must be the same tree."
+      )
+  for (path, leaf), param_shape in zip(flat, param_shapes, strict=True):
+    shape = tuple(leaf.shape)
     if not jnp.issubdtype(leaf.dtype, jnp.floating):
       raise TypeError(
         f"{name}: gradient leaf {path_name(path)!r} has dtype {leaf.dtype}; "
         "per-task gradients must be floating point."
       )
-    if num_tasks is None and leaf.ndim:
-      num_tasks = leaf.shape[0]
-    if leaf.ndim == 0 or leaf.shape[0] != num_tasks:
+    if param_shape is not None and shape[1:] != param_shape:
       raise ValueError(
-        f"{name}: gradient leaf {path_name(path)!r} has shape {tuple(leaf.shape)}, "
-        f"expected a leading task axis of size num_tasks={num_tasks}, i.e. "
-        f"[{num_tasks}, *param.shape]. Pass per-task gradients stacked on axis 0 "
-        f"(e.g. from jax.vmap(jax.grad(loss))), and put {name} first in a chain."
+        f"{name}: gradient leaf {path_name(path)!r} has shape {shape} but its "
+        f"parameter has shape {param_shape}; expected [num_tasks, *param.shape]. Was "
+        f"the gradient already summed over tasks, or {name} not first in the chain?"
       )
-  if params is not None:
-    param_leaves = jax.tree.leaves(params)
-    if len(param_leaves) != len(leaves):
+    if num_tasks is None and shape:
+      num_tasks = shape[0]
+    if not shape or shape[0] != num_tasks:
       raise ValueError(
-        f"{name}: the gradients have {len(leaves)} leaves but params has "
-        f"{len(param_leaves)}: they must be the same tree."
+        f"{name}: gradient leaf {path_name(path)!r} has shape {shape}, expected a "
+        f"leading task axis of size num_tasks={num_tasks}, i.e. [{num_tasks}, "
+        "*param.shape]. Pass per-task gradients stacked on axis 0 (e.g. from "
+        f"jax.vmap(jax.grad(loss))), and put {name} first in a chain."
       )
-    for path, leaf, param in zip(paths, leaves, param_leaves, strict=True):
-      if tuple(leaf.shape[1:]) != tuple(jnp.shape(param)):
-        raise ValueError(
-          f"{name}: gradient leaf {path_name(path)!r} has shape {tuple(leaf.shape)} "
-          f"but its parameter has shape {tuple(jnp.shape(param))}; expected "
-          f"[num_tasks, *param.shape] = {(num_tasks, *jnp.shape(param))}. Was the "
-          "gradient already summed over tasks, or a transform placed before "
-          f"{name} in the chain?"
-        )
-  return leaves, num_tasks if num_tasks is not None else 1
+  return [leaf for _, leaf in flat], num_tasks if num_tasks is not None else 1
 
 
 def _explicit_out_sharding(leaf: jax.Array, spec: PartitionSpec) -> PartitionSpec | None:

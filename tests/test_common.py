@@ -1,0 +1,167 @@
+"""The battery every transform of the library runs through, on stacked per-task input."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import optax_gradvac as ogv
+
+NUM_TASKS = 3
+
+TRANSFORMS = {
+  "gradvac-layer": functools.partial(ogv.gradvac, NUM_TASKS, 0.1, granularity="layer"),
+  "gradvac-model": functools.partial(ogv.gradvac, NUM_TASKS, 0.1, granularity="model"),
+  "gradvac-tensor-mean": functools.partial(
+    ogv.gradvac, NUM_TASKS, 0.1, granularity="tensor", reduction="mean"
+  ),
+  "pcgrad": functools.partial(ogv.pcgrad, NUM_TASKS),
+  "sum_tasks": ogv.sum_tasks,
+  "mean_tasks": ogv.mean_tasks,
+}
+parametrize_transforms = pytest.mark.parametrize("make", TRANSFORMS.values(), ids=TRANSFORMS)
+
+
+def problem(dtype=jnp.float32, seed: int = 0):
+  rng = np.random.default_rng(seed)
+  shapes = {"conv": {"kernel": (3, 3, 2, 4), "bias": (4,)}, "head": {"kernel": (4, 2)}}
+  params = jax.tree.map(
+    lambda s: jnp.asarray(rng.normal(size=s), dtype), shapes, is_leaf=tuple.__instancecheck__
+  )
+  grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=(NUM_TASKS, *p.shape)), dtype), params)
+  return params, grads
+
+
+@parametrize_transforms
+def test_jit_matches_eager_and_does_not_recompile(make):
+  tx = make()
+  params, grads = problem()
+  traces = 0
+
+  def update(grads, state, params):
+    nonlocal traces
+    traces += 1
+    return tx.update(grads, state, params)
+
+  jitted = jax.jit(update)
+  state = jax.jit(tx.init)(params)
+  eager_state = tx.init(params)
+  for seed in range(3):
+    grads = problem(seed=seed)[1]
+    updates, state = jitted(grads, state, params)
+    eager_updates, eager_state = tx.update(grads, eager_state, params)
+    jax.tree.map(
+      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), updates, eager_updates
+    )
+  assert traces == 1
+  jax.tree.map(
+    lambda u, p: (u.shape, u.dtype) == (p.shape, p.dtype) or pytest.fail(), updates, params
+  )
+
+
+@parametrize_transforms
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+def test_updates_keep_the_gradient_dtype(make, dtype):
+  tx = make()
+  params, grads = problem(dtype)
+  updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
+  for update, param in zip(jax.tree.leaves(updates), jax.tree.leaves(params), strict=True):
+    assert update.dtype == dtype and update.shape == param.shape
+    assert jnp.isfinite(update).all()
+
+
+@parametrize_transforms
+def test_state_is_stable_under_cond(make):
+  tx = make()
+  params, grads = problem()
+  state = tx.init(params)
+
+  @jax.jit
+  def step(grads, state):
+    new_state = tx.update(grads, state, params)[1]
+    return jax.lax.cond(jnp.asarray(True), lambda: new_state, lambda: state)
+
+  new_state = step(grads, state)
+  assert jax.tree.structure(new_state) == jax.tree.structure(state)
+  for new, old in zip(jax.tree.leaves(new_state), jax.tree.leaves(state), strict=True):
+    assert (new.shape, new.dtype) == (old.shape, old.dtype)
+
+
+@parametrize_transforms
+@pytest.mark.parametrize(
+  "optimizer",
+  [
+    lambda: optax.adam(1e-2),
+    lambda: optax.adamw(1e-2, weight_decay=0.1),
+    lambda: optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-2)),
+  ],
+  ids=["adam", "adamw", "clip+adamw"],
+)
+def test_chain_equals_the_optimizer_applied_to_the_surgery_update(make, optimizer):
+  chained = optax.chain(make(), optimizer())
+  surgery, inner = make(), optimizer()
+  params, _ = problem()
+  chained_state = chained.init(params)
+  surgery_state, inner_state = surgery.init(params), inner.init(params)
+  for seed in range(3):
+    grads = problem(seed=seed)[1]
+    updates, chained_state = jax.jit(chained.update)(grads, chained_state, params)
+    reduced, surgery_state = surgery.update(grads, surgery_state, params)
+    expected, inner_state = inner.update(reduced, inner_state, params)
+    jax.tree.map(
+      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), updates, expected
+    )
+    params = optax.apply_updates(params, updates)
+  assert jax.tree.map(jnp.shape, params) == jax.tree.map(jnp.shape, problem()[0])
+
+
+@parametrize_transforms
+def test_extra_arguments_are_accepted(make):
+  tx = make()
+  params, grads = problem()
+  updates, _ = tx.update(grads, tx.init(params), params, value=jnp.ones(()), loss=2.0)
+  assert jax.tree.structure(updates) == jax.tree.structure(params)
+
+
+@parametrize_transforms
+def test_vmap_over_independent_runs(make):
+  tx = make()
+  params, _ = problem()
+  grads = jax.tree.map(lambda *g: jnp.stack(g), *[problem(seed=s)[1] for s in range(2)])
+  states = jax.vmap(lambda _: tx.init(params))(jnp.arange(2))
+  updates, _ = jax.vmap(tx.update, in_axes=(0, 0, None))(grads, states, params)
+  for run in range(2):
+    run_grads = jax.tree.map(lambda g, run=run: g[run], grads)
+    single, _ = tx.update(run_grads, tx.init(params), params)
+    for batched, expected in zip(jax.tree.leaves(updates), jax.tree.leaves(single), strict=True):
+      np.testing.assert_allclose(batched[run], expected, rtol=1e-5, atol=1e-6)
+
+
+@parametrize_transforms
+def test_wrong_task_axis_is_rejected(make):
+  tx = make()
+  params, grads = problem()
+  state = tx.init(params)
+  short = jax.tree.map(lambda g: g[:2], grads)
+  short["conv"]["bias"] = grads["conv"]["bias"]
+  with pytest.raises(ValueError, match=r"conv/kernel.*\(2, 3, 3, 2, 4\)"):
+    tx.update(short, state, params)
+  summed = jax.tree.map(lambda g: g.sum(0), grads)
+  with pytest.raises(ValueError, match=r"conv/bias.*\(4,\)"):
+    tx.update(summed, state, params)
+
+
+@pytest.mark.parametrize(("make", "reduce"), [(ogv.sum_tasks, np.sum), (ogv.mean_tasks, np.mean)])
+def test_baselines_reduce_the_task_axis(make, reduce):
+  params, grads = problem()
+  updates, _ = make(NUM_TASKS).update(grads, optax.EmptyState(), params)
+  jax.tree.map(
+    lambda u, g: np.testing.assert_allclose(u, reduce(np.asarray(g), axis=0), rtol=1e-6, atol=1e-7),
+    updates,
+    grads,
+  )
+  with pytest.raises(ValueError, match="num_tasks must be at least 1"):
+    make(0)
