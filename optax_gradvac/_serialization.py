@@ -1,0 +1,67 @@
+"""msgpack serialization of optimizer states that hold typed PRNG keys."""
+
+from typing import Any, TypeVar
+
+import jax
+from flax import serialization
+
+Tree = TypeVar("Tree")
+
+
+def _is_key(leaf: Any) -> bool:
+  dtype = getattr(leaf, "dtype", None)
+  return dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+
+
+def to_bytes(tree: Any) -> bytes:
+  """:func:`flax.serialization.to_bytes` for trees that hold typed PRNG keys.
+
+  A :class:`GradVacState` keeps a typed key, which msgpack cannot encode:
+  every key is stored as its raw ``uint32`` data (:func:`jax.random.key_data`).
+  Read the bytes back with :func:`from_bytes`.
+
+  Args:
+    tree: any tree flax can serialize, e.g. an optimizer state or
+      ``{"params": params, "opt_state": opt_state}``; typed keys are allowed.
+
+  Returns:
+    The msgpack-encoded bytes.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax
+    >>> import optax_gradvac as ogv
+    >>> tx = optax.chain(ogv.gradvac(num_tasks=2), optax.adam(1e-3))
+    >>> params = {"w": jnp.zeros(3)}
+    >>> data = ogv.to_bytes(tx.init(params))
+    >>> state = ogv.from_bytes(jax.eval_shape(tx.init, params), data)
+    >>> print(state[0].key.dtype, state[0].targets.shape)
+    key<fry> (1, 2, 2)
+  """
+  return serialization.to_bytes(
+    jax.tree.map(lambda leaf: jax.random.key_data(leaf) if _is_key(leaf) else leaf, tree)
+  )
+
+
+def from_bytes(target: Tree, encoded: bytes) -> Tree:
+  """:func:`flax.serialization.from_bytes` for bytes written by :func:`to_bytes`.
+
+  Typed keys are rebuilt with the PRNG implementation of the target's keys.
+
+  Args:
+    target: a tree with the structure to restore, e.g. a fresh
+      ``tx.init(params)`` or ``jax.eval_shape(tx.init, params)``.
+    encoded: the bytes from :func:`to_bytes`.
+
+  Returns:
+    The restored tree, with ``target``'s structure; arrays are on the host
+    (place sharded states with ``jax.device_put``, or checkpoint them with
+    orbax-checkpoint, which keeps shardings).
+  """
+  restored = serialization.from_bytes(target, encoded)
+  return jax.tree.map(
+    lambda leaf, value: (
+      jax.random.wrap_key_data(value, dtype=leaf.dtype) if _is_key(leaf) else value
+    ),
+    target,
+    restored,
+  )
