@@ -165,7 +165,8 @@ def gradvac(
   .. warning::
     The input has a task axis that the output does not, so ``gradvac`` must
     come first in a chain; every leaf's shape is checked. ``optax.MultiSteps``
-    cannot wrap it unchanged (its accumulator is shaped like the parameters).
+    cannot wrap it unchanged (its accumulator is shaped like the parameters):
+    use :func:`multi_steps` for gradient accumulation.
 
   Args:
     num_tasks: number of tasks ``T`` (a Python int).
