@@ -74,6 +74,9 @@ def similarity_summary(
       at the last step,
     * ``"mean_target"``, ``"mean_cosine"``: off-diagonal means,
     * ``"corrected_fraction"``: the fraction of pairs corrected at the last step,
+    * ``"group_mean_cosine"``, ``"group_corrected_fraction"``: the same per
+      group, ``{group name: scalar}`` (a global mean hides a layer whose tasks
+      conflict behind layers whose gradients are orthogonal by construction),
     * ``"task_cosine"``: ``{task name: mean cosine with the other tasks}``,
     * ``"count"``: the number of steps taken.
 
@@ -113,12 +116,15 @@ def similarity_summary(
   present = jnp.diagonal(cosine, axis1=1, axis2=2) > 0.5  # [G, T]
   pairs = off_diagonal & present[:, :, None] & present[:, None, :]  # [G, T, T]
   task_cosine = _mean(cosine, pairs, axis=(0, 2))
+  corrected = corrected.astype(cosine.dtype)
   return {
     "targets": dict(zip(names, targets, strict=True)),
     "cosine": dict(zip(names, cosine, strict=True)),
     "mean_target": _mean(targets, jnp.broadcast_to(off_diagonal, targets.shape)),
     "mean_cosine": _mean(cosine, pairs),
-    "corrected_fraction": _mean(corrected.astype(cosine.dtype), pairs),
+    "corrected_fraction": _mean(corrected, pairs),
+    "group_mean_cosine": dict(zip(names, _mean(cosine, pairs, axis=(1, 2)), strict=True)),
+    "group_corrected_fraction": dict(zip(names, _mean(corrected, pairs, axis=(1, 2)), strict=True)),
     "task_cosine": dict(zip(task_names, task_cosine, strict=True)),
     "count": _array(state.count),
   }

@@ -295,6 +295,11 @@ def test_similarity_summary_values(wrapping):
   _assert_close(summary["mean_cosine"], np.mean(present_cosines))
   _assert_close(summary["corrected_fraction"], 2 / 8)
   _assert_close(
+    summary["group_mean_cosine"],
+    {"a": np.mean(cosine_a[off_diagonal]), "b": cosine_b[0, 1]},
+  )
+  _assert_close(summary["group_corrected_fraction"], {"a": 0.0, "b": 1.0})
+  _assert_close(
     summary["task_cosine"],
     {
       "en": np.mean([cosine_a[0, 1], cosine_a[0, 2], cosine_b[0, 1]]),
