@@ -1,0 +1,583 @@
+"""Multilingual character language modelling: plain sum vs PCGrad vs GradVac.
+
+One task per language, all parameters shared. Every method trains from the same
+initialisation on the same batches; the run reports held-out bits per character per
+language, clusters the languages by their GradVac targets (and by the raw task-gradient
+cosine under the plain sum) and checks the clusters against the language families.
+
+Run ``python -m optax_gradvac.examples.multilingual --help`` for the options; ``--quick``
+is a one-minute smoke test. From Python: build an :class:`Experiment`, then :func:`run`,
+:func:`summarize` and :func:`write_outputs`, or call :func:`main` with a list of flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import time
+from collections.abc import Sequence
+
+import numpy as np
+import optax
+
+import optax_gradvac as ogv
+from optax_gradvac.examples import analysis
+from optax_gradvac.examples import data as data_lib
+from optax_gradvac.examples import train as train_lib
+
+METHODS = ("sum", "pcgrad", "gradvac", "gradvac-layer", "gradvac-model")
+GRANULARITIES = ("layer", "model", "tensor", "both")
+DEFAULT_METHODS = ("sum", "pcgrad", "gradvac")
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+  """A method of the comparison: a column of the table.
+
+  Attributes:
+    name: the column name, e.g. ``"gradvac-layer"``.
+    kind: ``"sum"``, ``"pcgrad"`` or ``"gradvac"``.
+    granularity: the parameter groups of the surgery (for ``"sum"``: of the cosine probe).
+  """
+
+  name: str
+  kind: str
+  granularity: str
+
+
+def resolve_methods(names: Sequence[str], granularity: str = "layer") -> tuple[Method, ...]:
+  """Turns method names and ``--granularity`` into the methods to run.
+
+  ``gradvac`` uses ``granularity``, or becomes ``gradvac-layer`` and ``gradvac-model``
+  when it is ``"both"``. PCGrad always works on the whole model, as in its paper.
+
+  Args:
+    names: names from :data:`METHODS`.
+    granularity: one of :data:`GRANULARITIES`.
+
+  Returns:
+    The methods, without repeats, in the given order.
+
+  Raises:
+    ValueError: for an unknown method or granularity; the message lists the valid ones.
+  """
+  unknown = [name for name in names if name not in METHODS]
+  if unknown:
+    raise ValueError(f"unknown method(s) {', '.join(unknown)}; valid methods: {', '.join(METHODS)}")
+  if granularity not in GRANULARITIES:
+    raise ValueError(
+      f"unknown granularity {granularity!r}; valid granularities: {', '.join(GRANULARITIES)}"
+    )
+  probe_granularity = "layer" if granularity == "both" else granularity
+  methods: dict[str, Method] = {}
+  for name in names:
+    if name == "sum":
+      found = [Method("sum", "sum", probe_granularity)]
+    elif name == "pcgrad":
+      found = [Method("pcgrad", "pcgrad", "model")]
+    elif name == "gradvac" and granularity == "both":
+      found = [
+        Method("gradvac-layer", "gradvac", "layer"),
+        Method("gradvac-model", "gradvac", "model"),
+      ]
+    elif name == "gradvac":
+      found = [Method("gradvac", "gradvac", granularity)]
+    else:
+      found = [Method(name, "gradvac", name.removeprefix("gradvac-"))]
+    for method in found:
+      methods.setdefault(method.name, method)
+  return tuple(methods.values())
+
+
+def make_surgery(
+  method: Method, num_tasks: int, *, beta: float, seed: int
+) -> optax.GradientTransformation:
+  """The transformation from stacked task gradients to one update for ``method``.
+
+  ``sum`` carries a GradVac probe whose update is discarded, so that its state records the
+  cosine between the task gradients of a plain-sum run.
+
+  Args:
+    method: the method.
+    num_tasks: the number of languages.
+    beta: the EMA rate of the GradVac targets.
+    seed: the seed of the random visiting orders.
+
+  Returns:
+    The transformation (to be followed by Adam).
+  """
+  if method.kind == "sum":
+    probe = ogv.gradvac(num_tasks, beta, granularity=method.granularity, key=seed)
+    return train_lib.with_probe(ogv.sum_tasks(num_tasks), probe)
+  if method.kind == "pcgrad":
+    return ogv.pcgrad(num_tasks, granularity=method.granularity, key=seed)
+  return ogv.gradvac(num_tasks, beta, granularity=method.granularity, key=seed)
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+  """One comparison: languages, methods, seeds and training settings.
+
+  Attributes:
+    languages: the language codes, one task each.
+    low_resource: the languages cut to ``low_resource_words`` training words.
+    methods: the methods to compare.
+    seeds: each seed draws its own data split, batches and initialisation; results are
+      averaged over seeds.
+    config: model size, optimiser and schedule.
+    beta: the EMA rate of the GradVac targets (and of the probe under ``sum``).
+    low_resource_words: training words per low-resource language.
+    heldout_words: held-out words per language.
+    pool_size: how many of each language's most frequent words are read.
+  """
+
+  languages: tuple[str, ...] = data_lib.DEFAULT_LANGUAGES
+  low_resource: tuple[str, ...] = data_lib.DEFAULT_LOW_RESOURCE
+  methods: tuple[Method, ...] = dataclasses.field(
+    default_factory=lambda: resolve_methods(DEFAULT_METHODS)
+  )
+  seeds: tuple[int, ...] = (0,)
+  config: train_lib.TrainConfig = dataclasses.field(default_factory=train_lib.TrainConfig)
+  beta: float = 1e-2
+  low_resource_words: int = 500
+  heldout_words: int = 400
+  pool_size: int = 20_000
+
+  @property
+  def families(self) -> tuple[str, ...]:
+    """The family of each language."""
+    return tuple(data_lib.LANGUAGES[code].family for code in self.languages)
+
+  @property
+  def low_resource_mask(self) -> np.ndarray:
+    """bool ``[T]``: which languages are low-resource."""
+    return np.array([code in self.low_resource for code in self.languages])
+
+
+def run(experiment: Experiment, *, progress: bool = True) -> dict[str, list[train_lib.History]]:
+  """Trains every method on every seed.
+
+  Args:
+    experiment: what to run.
+    progress: whether to show progress bars.
+
+  Returns:
+    method name -> one :class:`~optax_gradvac.examples.train.History` per seed.
+  """
+  histories: dict[str, list[train_lib.History]] = {method.name: [] for method in experiment.methods}
+  for seed in experiment.seeds:
+    data = data_lib.make_data(
+      experiment.languages,
+      low_resource=experiment.low_resource,
+      low_resource_words=experiment.low_resource_words,
+      heldout_words=experiment.heldout_words,
+      pool_size=experiment.pool_size,
+      seed=seed,
+    )
+    config = experiment.config
+    batches = data_lib.sample_batches(data, config.steps, config.batch_words, seed)
+    for method in experiment.methods:
+      surgery = make_surgery(method, data.num_tasks, beta=experiment.beta, seed=seed)
+      histories[method.name].append(
+        train_lib.train(
+          surgery,
+          data,
+          config,
+          seed=seed,
+          batches=batches,
+          description=f"{method.name} (seed {seed})",
+          progress=progress,
+        )
+      )
+  return histories
+
+
+def similarity_matrices(
+  experiment: Experiment, histories: dict[str, list[train_lib.History]]
+) -> dict[str, tuple[str, np.ndarray]]:
+  """The task-similarity matrix of each method that has one, averaged over seeds.
+
+  Args:
+    experiment: what was run.
+    histories: from :func:`run`.
+
+  Returns:
+    method name -> ``(kind, [T, T] matrix)``: ``"targets"`` for GradVac (its EMA goals,
+    averaged over parameter groups), ``"cosine"`` for the sum (the task-gradient cosine
+    over the second half of training, averaged over parameter groups).
+  """
+  matrices = {}
+  for method in experiment.methods:
+    kind = {"gradvac": "targets", "sum": "cosine"}.get(method.kind)
+    if kind is not None:
+      runs = histories[method.name]
+      matrices[method.name] = kind, np.mean([getattr(h, kind) for h in runs], axis=0)
+  return matrices
+
+
+def _mean_curves(histories: Sequence[train_lib.History]) -> dict[str, np.ndarray]:
+  return {
+    "train_loss": np.mean([h.train_loss for h in histories], axis=0),
+    "eval_steps": histories[0].eval_steps,
+    "heldout_bpc": np.mean([h.heldout_bpc for h in histories], axis=0),
+  }
+
+
+def _mean_or_none(values: np.ndarray) -> float | None:
+  return float(values.mean()) if values.size else None
+
+
+def summarize(experiment: Experiment, histories: dict[str, list[train_lib.History]]) -> dict:
+  """Collects every number of a run into a JSON-ready dict (the content of results.json).
+
+  Args:
+    experiment: what was run.
+    histories: from :func:`run`.
+
+  Returns:
+    A dict with the settings (``config``, ``languages``, ``families``, ``low_resource``,
+    ``seeds``, ``methods``), held-out bits per character (``heldout_bpc`` per method and
+    language, averaged over seeds; ``heldout_bpc_per_seed``; ``mean_bpc`` over all, the
+    low-resource and the other languages), ``family_recovery`` per similarity matrix (see
+    :func:`~optax_gradvac.examples.analysis.family_recovery`), ``curves``,
+    ``corrected_fraction`` (mean fraction of task pairs corrected per step) and ``seconds``.
+  """
+  languages, low = experiment.languages, experiment.low_resource_mask
+  bpc = {name: np.mean([h.final_bpc for h in runs], axis=0) for name, runs in histories.items()}
+  curves = {name: _mean_curves(runs) for name, runs in histories.items()}
+  return {
+    "config": {
+      **dataclasses.asdict(experiment.config),
+      "beta": experiment.beta,
+      "low_resource_words": experiment.low_resource_words,
+      "heldout_words": experiment.heldout_words,
+      "pool_size": experiment.pool_size,
+      "methods": [dataclasses.asdict(method) for method in experiment.methods],
+    },
+    "languages": list(languages),
+    "families": list(experiment.families),
+    "low_resource": list(experiment.low_resource),
+    "seeds": list(experiment.seeds),
+    "methods": list(histories),
+    "heldout_bpc": {
+      name: dict(zip(languages, map(float, values), strict=True)) for name, values in bpc.items()
+    },
+    "heldout_bpc_per_seed": {
+      name: [h.final_bpc.tolist() for h in runs] for name, runs in histories.items()
+    },
+    "mean_bpc": {
+      name: {
+        "all": float(values.mean()),
+        "low_resource": _mean_or_none(values[low]),
+        "others": _mean_or_none(values[~low]),
+      }
+      for name, values in bpc.items()
+    },
+    "family_recovery": {
+      name: {
+        "matrix_kind": kind,
+        **analysis.family_recovery(matrix, languages, experiment.families),
+      }
+      for name, (kind, matrix) in similarity_matrices(experiment, histories).items()
+    },
+    "curves": {
+      name: {
+        "eval_steps": curve["eval_steps"].tolist(),
+        "heldout_bpc_all": curve["heldout_bpc"].mean(1).tolist(),
+        "heldout_bpc_low_resource": (
+          curve["heldout_bpc"][:, low].mean(1).tolist() if low.any() else None
+        ),
+        "train_bits_per_char": (curve["train_loss"].mean(1) / np.log(2)).tolist(),
+      }
+      for name, curve in curves.items()
+    },
+    "corrected_fraction": {
+      name: float(np.mean([h.corrected_fraction.mean() for h in runs]))
+      for name, runs in histories.items()
+      if name != "sum" and runs[0].corrected_fraction is not None
+    },
+    "seconds": {name: float(sum(h.seconds for h in runs)) for name, runs in histories.items()},
+  }
+
+
+def report(results: dict) -> str:
+  """The markdown summary of :func:`summarize`'s results: tables and wall time."""
+  config = results["config"]
+  low = ""
+  if results["low_resource"]:
+    low = f"* = low-resource ({config['low_resource_words']} training words); "
+  lines = [
+    "## Held-out bits per character (lower is better)",
+    "",
+    f"{len(results['languages'])} languages, {config['steps']} steps, seeds {results['seeds']}; "
+    f"{low}bold = best of the row.",
+    "",
+    analysis.bpc_table(
+      {name: list(values.values()) for name, values in results["heldout_bpc"].items()},
+      results["languages"],
+      results["families"],
+      results["low_resource"],
+    ),
+    "",
+  ]
+  if results["family_recovery"]:
+    num_families = len(set(results["families"]))
+    lines += [
+      "## Do the similarities recover the language families?",
+      "",
+      f"| similarity | ARI, {num_families}-cluster cut | within family | across families |",
+      "|---|---:|---:|---:|",
+    ]
+    for name, recovery in results["family_recovery"].items():
+      lines.append(
+        f"| {name} {recovery['matrix_kind']} | {recovery['ari']:.3f} | "
+        f"{recovery['within_family']:.4f} | {recovery['across_family']:.4f} |"
+      )
+    lines.append("")
+  seconds = ", ".join(f"{name} {value:.0f} s" for name, value in results["seconds"].items())
+  total = results.get("total_seconds", sum(results["seconds"].values()))
+  lines.append(f"Wall time: {total:.0f} s ({seconds}).")
+  return "\n".join(lines)
+
+
+def write_outputs(
+  experiment: Experiment, histories: dict[str, list[train_lib.History]], results: dict, out: str
+) -> None:
+  """Writes the plots, ``results.json`` and ``results.md`` into ``out``.
+
+  Adds the plot paths to ``results["plots"]`` before writing it.
+
+  Args:
+    experiment: what was run.
+    histories: from :func:`run`.
+    results: from :func:`summarize`.
+    out: the output directory (created if needed).
+  """
+  os.makedirs(out, exist_ok=True)
+  plots = {"curves": os.path.join(out, "curves.png")}
+  analysis.plot_curves(
+    {name: _mean_curves(runs) for name, runs in histories.items()},
+    experiment.low_resource_mask,
+    plots["curves"],
+  )
+  granularity = {method.name: method.granularity for method in experiment.methods}
+  for name, (kind, matrix) in similarity_matrices(experiment, histories).items():
+    what = "GradVac targets" if kind == "targets" else "task-gradient cosine"
+    plots[f"similarity_{name}"] = os.path.join(out, f"similarity_{name}.png")
+    analysis.plot_similarity(
+      matrix,
+      experiment.languages,
+      experiment.families,
+      f"{name}: {what} (mean over {granularity[name]} groups)",
+      plots[f"similarity_{name}"],
+    )
+  results["plots"] = plots
+  with open(os.path.join(out, "results.json"), "w") as file:
+    json.dump(results, file, indent=1)
+  with open(os.path.join(out, "results.md"), "w") as file:
+    file.write(report(results) + "\n")
+
+
+def _comma_list(text: str) -> list[str]:
+  return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def parse_seeds(text: str, base: int = 0) -> tuple[int, ...]:
+  """Parses ``--seeds``: a count ``N`` (seeds ``base .. base + N - 1``) or a comma list.
+
+  Args:
+    text: e.g. ``"3"`` or ``"0,7"``.
+    base: the first seed of a count.
+
+  Returns:
+    The seeds.
+
+  Raises:
+    ValueError: if ``text`` is neither a positive count nor a list of integers.
+  """
+  items = _comma_list(text)
+  if not items or not all(item.lstrip("-").isdigit() for item in items):
+    raise ValueError(f"--seeds takes a count or a comma list of integers, got {text!r}")
+  if len(items) == 1:
+    count = int(items[0])
+    if count < 1:
+      raise ValueError(f"--seeds count must be positive, got {count}")
+    return tuple(range(base, base + count))
+  return tuple(int(item) for item in items)
+
+
+# Settings that --quick shrinks (a one-minute smoke test); a flag given explicitly wins.
+_DEFAULT, _QUICK = (
+  Experiment(),
+  Experiment(languages=("es", "pt", "de", "da", "ru", "uk", "pl", "sk")),
+)
+SIZES = {
+  "steps": (_DEFAULT.config.steps, 60),
+  "languages": (",".join(_DEFAULT.languages), ",".join(_QUICK.languages)),
+  "batch_words": (_DEFAULT.config.batch_words, 16),
+  "heldout_words": (_DEFAULT.heldout_words, 100),
+  "pool_size": (_DEFAULT.pool_size, 4000),
+  "d_model": (_DEFAULT.config.d_model, 32),
+  "num_layers": (_DEFAULT.config.num_layers, 1),
+  "num_heads": (_DEFAULT.config.num_heads, 2),
+  "eval_every": (_DEFAULT.config.eval_every, 20),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+  """The command-line parser."""
+  parser = argparse.ArgumentParser(
+    prog="python -m optax_gradvac.examples.multilingual", description=__doc__.split("\n\n")[0]
+  )
+
+  def sized(flag: str, kind: type, help_text: str) -> None:
+    default, quick = SIZES[flag.removeprefix("--").replace("-", "_")]
+    parser.add_argument(
+      flag,
+      type=kind,
+      metavar="N" if kind is int else "LIST",
+      help=f"{help_text} (default {default}; --quick: {quick})",
+    )
+
+  sized("--steps", int, "training steps per method")
+  sized("--languages", str, f"comma list of language codes from {', '.join(data_lib.LANGUAGES)}")
+  parser.add_argument(
+    "--methods",
+    default=",".join(DEFAULT_METHODS),
+    help=f"comma list from {', '.join(METHODS)} (default %(default)s)",
+  )
+  parser.add_argument(
+    "--granularity",
+    default="layer",
+    help=f"GradVac parameter groups: {', '.join(GRANULARITIES)} (default %(default)s; "
+    "'both' runs gradvac-layer and gradvac-model)",
+  )
+  parser.add_argument(
+    "--beta",
+    type=float,
+    default=_DEFAULT.beta,
+    help="EMA rate of the GradVac targets (default %(default)s)",
+  )
+  parser.add_argument(
+    "--seeds",
+    default="1",
+    help="a count, or a comma list of seeds; results are averaged (default %(default)s)",
+  )
+  parser.add_argument(
+    "--seed", type=int, default=0, help="the first seed when --seeds is a count (default 0)"
+  )
+  parser.add_argument(
+    "--low-resource",
+    help="comma list of low-resource languages, or 'none' (default: those of "
+    f"{','.join(data_lib.DEFAULT_LOW_RESOURCE)} among --languages)",
+  )
+  parser.add_argument(
+    "--low-resource-words",
+    type=int,
+    default=_DEFAULT.low_resource_words,
+    help="training words per low-resource language (default %(default)s)",
+  )
+  sized("--heldout-words", int, "held-out words per language")
+  sized("--pool-size", int, "most frequent words read per language")
+  sized("--batch-words", int, "words per language per step")
+  parser.add_argument(
+    "--learning-rate",
+    type=float,
+    default=_DEFAULT.config.learning_rate,
+    help="Adam's peak learning rate (default %(default)s)",
+  )
+  sized("--d-model", int, "model width")
+  sized("--num-layers", int, "transformer blocks")
+  sized("--num-heads", int, "attention heads")
+  sized("--eval-every", int, "held-out evaluation period in steps")
+  parser.add_argument(
+    "--out",
+    default=os.path.join("runs", "multilingual"),
+    help="output directory (default %(default)s)",
+  )
+  parser.add_argument(
+    "--quick", action="store_true", help="a one-minute smoke test: small model, 8 languages"
+  )
+  parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+  return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> tuple[Experiment, argparse.Namespace]:
+  """Parses command-line flags into an :class:`Experiment`.
+
+  Args:
+    argv: the flags (``sys.argv[1:]`` when None).
+
+  Returns:
+    The experiment and the parsed flags (for ``out`` and ``no_progress``).
+
+  Raises:
+    SystemExit: with a usage message, for an unknown language, method or granularity, or
+      an invalid ``--seeds`` or ``--low-resource``.
+  """
+  parser = build_parser()
+  args = parser.parse_args(argv)
+  for name, (default, quick) in SIZES.items():
+    if getattr(args, name) is None:
+      setattr(args, name, quick if args.quick else default)
+  try:
+    languages = data_lib.check_languages(_comma_list(args.languages))
+    if args.low_resource is None:
+      low_resource = tuple(code for code in data_lib.DEFAULT_LOW_RESOURCE if code in languages)
+    elif args.low_resource.strip().lower() == "none":
+      low_resource = ()
+    else:
+      low_resource = data_lib.check_languages(_comma_list(args.low_resource))
+    missing = [code for code in low_resource if code not in languages]
+    if missing:
+      raise ValueError(f"low-resource language(s) {', '.join(missing)} not in --languages")
+    if len(languages) < 2:
+      raise ValueError("--languages needs at least two languages (one task each)")
+    experiment = Experiment(
+      languages=languages,
+      low_resource=low_resource,
+      methods=resolve_methods(_comma_list(args.methods), args.granularity),
+      seeds=parse_seeds(args.seeds, args.seed),
+      config=train_lib.TrainConfig(
+        steps=args.steps,
+        batch_words=args.batch_words,
+        learning_rate=args.learning_rate,
+        warmup_steps=max(1, args.steps // 20),
+        d_model=args.d_model,
+        num_layers=args.num_layers,
+        num_heads=args.num_heads,
+        eval_every=args.eval_every,
+      ),
+      beta=args.beta,
+      low_resource_words=args.low_resource_words,
+      heldout_words=args.heldout_words,
+      pool_size=args.pool_size,
+    )
+  except ValueError as error:
+    parser.error(str(error))
+  return experiment, args
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+  """Runs the comparison, prints the tables and writes everything to ``--out``.
+
+  Args:
+    argv: command-line flags (``sys.argv[1:]`` when None).
+
+  Returns:
+    The content of ``results.json``.
+  """
+  experiment, args = parse_args(argv)
+  start = time.perf_counter()
+  histories = run(experiment, progress=not args.no_progress)
+  results = summarize(experiment, histories)
+  results["total_seconds"] = time.perf_counter() - start
+  write_outputs(experiment, histories, results, args.out)
+  print("\n" + report(results) + f"\n\nWritten to {args.out}/.")
+  return results
+
+
+if __name__ == "__main__":
+  main()

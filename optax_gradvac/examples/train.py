@@ -1,0 +1,235 @@
+"""Training loop and held-out evaluation for the multilingual example.
+
+:func:`train` takes any gradient-surgery transformation (stacked per-task gradients in, one
+update out), chains Adam after it, trains :class:`~optax_gradvac.examples.model.CharTransformer`
+on task-separated batches and returns a :class:`History`. Everything the surgery transform
+keeps in its state under the names ``targets``, ``cosine`` and ``corrected`` (as
+:class:`optax_gradvac.GradVacState` does) is recorded along the way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+import optax_gradvac as ogv
+from optax_gradvac.examples import data as data_lib
+from optax_gradvac.examples import model as model_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """Model size, optimiser and schedule of one training run.
+
+  Attributes:
+    steps: the number of training steps.
+    batch_words: the number of words per language per step.
+    learning_rate: Adam's peak learning rate (linear warm-up, then cosine decay to a tenth).
+    warmup_steps: the length of the warm-up.
+    d_model: the model width.
+    num_layers: the number of transformer blocks.
+    num_heads: the number of attention heads.
+    eval_every: the held-out evaluation period, in steps (the last step is always evaluated).
+  """
+
+  steps: int = 600
+  batch_words: int = 32
+  learning_rate: float = 3e-3
+  warmup_steps: int = 30
+  d_model: int = 128
+  num_layers: int = 2
+  num_heads: int = 4
+  eval_every: int = 50
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class History:
+  """What one training run recorded.
+
+  Attributes:
+    train_loss: float ``[steps, T]``, each language's training loss (nats per character).
+    eval_steps: int ``[num_evals]``, the steps after which the held-out set was scored.
+    heldout_bpc: float ``[num_evals, T]``, held-out bits per character at those steps.
+    targets: float ``[T, T]``, the surgery state's final ``targets`` averaged over parameter
+      groups, or ``None`` if the state has none.
+    cosine: float ``[T, T]``, the state's ``cosine`` (cosine similarity of the original task
+      gradients) averaged over parameter groups and over the second half of training, or
+      ``None`` if the state has none.
+    corrected_fraction: float ``[steps]``, the fraction of ordered task pairs (over all
+      groups) that the surgery corrected at each step, or ``None``.
+    seconds: the wall time of the run, compilation included.
+  """
+
+  train_loss: np.ndarray
+  eval_steps: np.ndarray
+  heldout_bpc: np.ndarray
+  targets: np.ndarray | None
+  cosine: np.ndarray | None
+  corrected_fraction: np.ndarray | None
+  seconds: float
+
+  @property
+  def final_bpc(self) -> np.ndarray:
+    """Held-out bits per character of each language after the last step, ``[T]``."""
+    return self.heldout_bpc[-1]
+
+
+def with_probe(
+  transform: optax.GradientTransformation, probe: optax.GradientTransformation
+) -> optax.GradientTransformationExtraArgs:
+  """Runs ``probe`` beside ``transform`` on the same stacked gradients, to record its state.
+
+  The update is ``transform``'s alone; ``probe``'s update is discarded (and compiled away
+  under ``jit``). With ``probe = ogv.gradvac(...)`` this records the task-gradient cosine
+  of a run that trains with a plain sum.
+
+  Args:
+    transform: the transformation whose update is used.
+    probe: a transformation with the same input contract, run only for its state.
+
+  Returns:
+    A transformation whose state is ``(transform_state, probe_state)``.
+  """
+
+  def init(params: optax.Params) -> tuple[optax.OptState, optax.OptState]:
+    return transform.init(params), probe.init(params)
+
+  def update(
+    updates: optax.Updates,
+    state: tuple[optax.OptState, optax.OptState],
+    params: optax.Params | None = None,
+    **extra_args: Any,
+  ) -> tuple[optax.Updates, tuple[optax.OptState, optax.OptState]]:
+    transform_state, probe_state = state
+    new_updates, transform_state = transform.update(updates, transform_state, params, **extra_args)
+    _, probe_state = probe.update(updates, probe_state, params)
+    return new_updates, (transform_state, probe_state)
+
+  return optax.GradientTransformationExtraArgs(init, update)
+
+
+def make_optimizer(
+  surgery: optax.GradientTransformation, config: TrainConfig
+) -> optax.GradientTransformation:
+  """Chains ``surgery`` (stacked task gradients to one update) with scheduled Adam.
+
+  Args:
+    surgery: e.g. ``ogv.gradvac(num_tasks)`` or ``ogv.sum_tasks(num_tasks)``.
+    config: gives the learning-rate schedule.
+
+  Returns:
+    ``optax.chain(surgery, optax.adam(schedule))``.
+  """
+  schedule = optax.warmup_cosine_decay_schedule(
+    init_value=0.0,
+    peak_value=config.learning_rate,
+    warmup_steps=config.warmup_steps,
+    decay_steps=config.steps,
+    end_value=config.learning_rate / 10,
+  )
+  return optax.chain(surgery, optax.adam(schedule))
+
+
+def _group_mean(state: optax.OptState, name: str) -> jax.Array | None:
+  """The ``[num_groups, T, T]`` field ``name`` of the surgery state, averaged over groups."""
+  value = optax.tree.get(state, name)
+  return None if value is None else jnp.mean(value.astype(jnp.float32), axis=0)
+
+
+def train(
+  surgery: optax.GradientTransformation,
+  data: data_lib.MultilingualData,
+  config: TrainConfig,
+  *,
+  seed: int = 0,
+  batches: np.ndarray | None = None,
+  description: str | None = None,
+  progress: bool = True,
+) -> History:
+  """Trains the character model on all languages at once with ``surgery`` then Adam.
+
+  Each step draws ``config.batch_words`` words per language, computes one loss and one
+  gradient per language (``ogv.task_value_and_grad``), and hands the stacked gradients to
+  ``surgery``.
+
+  Args:
+    surgery: a transformation from stacked ``[T, ...]`` gradients to one update.
+    data: the encoded words.
+    config: model size, optimiser and schedule.
+    seed: the seed of the initial parameters, and of the batches when ``batches`` is None.
+    batches: int ``[config.steps, T, config.batch_words]`` word indices from
+      :func:`~optax_gradvac.examples.data.sample_batches`; pass the same array to compare
+      methods on the same data order.
+    description: the progress-bar label.
+    progress: whether to show a progress bar.
+
+  Returns:
+    The recorded :class:`History`.
+  """
+  start = time.perf_counter()
+  if batches is None:
+    batches = data_lib.sample_batches(data, config.steps, config.batch_words, seed)
+  model = model_lib.CharTransformer(
+    vocab_size=len(data.symbols),
+    max_length=data.seq_len,
+    d_model=config.d_model,
+    num_layers=config.num_layers,
+    num_heads=config.num_heads,
+  )
+  params = model_lib.init_params(model, data.seq_len, seed)
+  optimizer = make_optimizer(surgery, config)
+  opt_state = optimizer.init(params)
+  task_value_and_grad = ogv.task_value_and_grad(model_lib.make_loss(model))
+  train_tokens = jnp.asarray(data.train_tokens)
+  heldout_tokens = jnp.asarray(data.heldout_tokens)
+  tasks = jnp.arange(data.num_tasks)[:, None]
+
+  # The word arrays are arguments, not closed-over constants, so that they stay out of the
+  # compiled program.
+  def step(params, opt_state, train_tokens, indices):
+    losses, grads = task_value_and_grad(params, train_tokens[tasks, indices])
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    stats = {"loss": losses}
+    for name in ("cosine", "corrected"):
+      value = _group_mean(opt_state, name)
+      if value is not None:
+        stats[name] = value
+    return optax.apply_updates(params, updates), opt_state, stats
+
+  # Only the parameters are donated: an optimizer state may hold one buffer in two fields
+  # (e.g. equal zero arrays from `init`), which XLA refuses to donate twice.
+  step = jax.jit(step, donate_argnums=0)
+  evaluate = jax.jit(lambda params, tokens: model_lib.bits_per_character(model, params, tokens))
+
+  stats, eval_steps, heldout_bpc = [], [], []
+  bar = tqdm(range(1, config.steps + 1), desc=description, disable=not progress, leave=True)
+  for i in bar:
+    params, opt_state, step_stats = step(params, opt_state, train_tokens, batches[i - 1])
+    stats.append(step_stats)
+    if i % config.eval_every == 0 or i == config.steps:
+      eval_steps.append(i)
+      heldout_bpc.append(np.asarray(evaluate(params, heldout_tokens)))
+      bar.set_postfix(heldout_bpc=f"{heldout_bpc[-1].mean():.3f}")
+  stats = jax.tree.map(lambda *values: np.stack(values), *stats)
+
+  num_tasks = data.num_tasks
+  off_diagonal = num_tasks * (num_tasks - 1)
+  targets = _group_mean(opt_state, "targets")
+  return History(
+    train_loss=stats["loss"],
+    eval_steps=np.array(eval_steps),
+    heldout_bpc=np.stack(heldout_bpc),
+    targets=None if targets is None else np.asarray(targets),
+    cosine=stats["cosine"][config.steps // 2 :].mean(0) if "cosine" in stats else None,
+    corrected_fraction=(
+      stats["corrected"].sum((1, 2)) / off_diagonal if "corrected" in stats else None
+    ),
+    seconds=time.perf_counter() - start,
+  )
