@@ -223,13 +223,14 @@ def gradvac(
     dtype = _pytree.compute_dtype(
       [leaf for leaf in jax.tree.leaves(params) if jnp.issubdtype(leaf.dtype, jnp.floating)]
     )
-    zeros = jnp.zeros((len(names), num_tasks, num_tasks), dtype)
+    shape = (len(names), num_tasks, num_tasks)
+    # A buffer per field, so that the state can be donated to a jitted step.
     return GradVacState(
       count=jnp.zeros([], jnp.int32),
       key=_canonicalize_key(key),
-      targets=zeros,
-      cosine=zeros,
-      corrected=jnp.zeros(zeros.shape, bool),
+      targets=jnp.zeros(shape, dtype),
+      cosine=jnp.zeros(shape, dtype),
+      corrected=jnp.zeros(shape, bool),
     )
 
   def update_fn(

@@ -165,3 +165,19 @@ def test_baselines_reduce_the_task_axis(make, reduce):
   )
   with pytest.raises(ValueError, match="num_tasks must be at least 1"):
     make(0)
+
+
+@parametrize_transforms
+def test_state_can_be_donated(make):
+  tx = optax.chain(make(), optax.adam(1e-2))
+  params, grads = problem()
+
+  @functools.partial(jax.jit, donate_argnums=(0, 1))
+  def step(params, state, grads):
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  state = tx.init(params)
+  for _ in range(2):
+    params, state = step(params, state, grads)
+  assert all(jnp.isfinite(leaf).all() for leaf in jax.tree.leaves(params))
