@@ -1,4 +1,4 @@
-"""Tests of the multilingual example: data, analysis helpers and one tiny end-to-end run."""
+"""Tests of the multilingual example: data, analysis functions and one tiny end-to-end run."""
 
 import json
 import math

@@ -240,12 +240,14 @@ def plot_curves(
   """
   fig = Figure(figsize=(11, 4.2), layout="tight")
   loss_axis, heldout_axis = fig.subplots(1, 2)
+  loss_top = -np.inf
   for i, (method, curve) in enumerate(curves.items()):
     color = f"C{i}"
     bits = np.asarray(curve["train_loss"]).mean(1) / np.log(2)
     window = max(1, min(smoothing, len(bits)))
     smoothed = np.convolve(bits, np.ones(window) / window, mode="valid")
     loss_axis.plot(np.arange(window, len(bits) + 1), smoothed, color=color, label=method)
+    loss_top = max(loss_top, smoothed[len(smoothed) // 10])
     steps, heldout = curve["eval_steps"], np.asarray(curve["heldout_bpc"])
     heldout_axis.plot(steps, heldout.mean(1), color=color, marker="o", ms=3, label=f"{method}: all")
     if low_resource_mask.any():
@@ -258,6 +260,8 @@ def plot_curves(
         ms=3,
         label=f"{method}: low-resource",
       )
+  # The first tenth of training falls steeply; clipping it keeps the methods' gaps visible.
+  loss_axis.set_ylim(top=loss_top)
   loss_axis.set(xlabel="step", ylabel="bits per character", title="training loss (all languages)")
   heldout_axis.set(xlabel="step", ylabel="bits per character", title="held-out words")
   for axis in (loss_axis, heldout_axis):

@@ -4,9 +4,10 @@ Each language contributes a pool of its most frequent words (cleaned to the lett
 its alphabet). A held-out set of words, drawn uniformly from the pool, is never used
 for training: the held-out score is the bits per character of unseen word types. Training
 words are the rest of the pool, or, for the low-resource languages, only a few hundred of
-them. Those few hundred, and the words of every training batch, are drawn with probability
-proportional to ``frequency ** frequency_power``, as a small corpus would hold them: plain
-frequency would spend most of the training signal on a few dozen function words.
+them, drawn by frequency as a small corpus would hold them. The words of every training
+batch are drawn by frequency too. "By frequency" means with probability proportional to
+``frequency ** frequency_power`` (0.5 by default): plain frequency would spend most of the
+training signal on a few dozen function words.
 
 A word is encoded as ``[<lang>, c_1, ..., c_n, <eow>, <pad>, ...]``: a language-tag token,
 its characters from one vocabulary shared by all languages, and an end-of-word token.

@@ -409,20 +409,17 @@ def parse_seeds(text: str, base: int = 0) -> tuple[int, ...]:
 
 
 # Settings that --quick shrinks (a one-minute smoke test); a flag given explicitly wins.
-_DEFAULT, _QUICK = (
-  Experiment(),
-  Experiment(languages=("es", "pt", "de", "da", "ru", "uk", "pl", "sk")),
-)
+_DEFAULT = Experiment()
 SIZES = {
-  "steps": (_DEFAULT.config.steps, 60),
-  "languages": (",".join(_DEFAULT.languages), ",".join(_QUICK.languages)),
+  "steps": (_DEFAULT.config.steps, 200),
+  "languages": (",".join(_DEFAULT.languages), "es,pt,de,da,ru,uk,pl,sk"),
   "batch_words": (_DEFAULT.config.batch_words, 16),
   "heldout_words": (_DEFAULT.heldout_words, 100),
   "pool_size": (_DEFAULT.pool_size, 4000),
-  "d_model": (_DEFAULT.config.d_model, 32),
+  "d_model": (_DEFAULT.config.d_model, 64),
   "num_layers": (_DEFAULT.config.num_layers, 1),
   "num_heads": (_DEFAULT.config.num_heads, 2),
-  "eval_every": (_DEFAULT.config.eval_every, 20),
+  "eval_every": (_DEFAULT.config.eval_every, 50),
 }
 
 

@@ -212,7 +212,9 @@ def train(
   bar = tqdm(range(1, config.steps + 1), desc=description, disable=not progress, leave=True)
   for i in bar:
     params, opt_state, step_stats = step(params, opt_state, train_tokens, batches[i - 1])
-    stats.append(step_stats)
+    # Waiting for each step keeps the progress bar's rate true; the host has nothing else to
+    # do meanwhile.
+    stats.append(jax.block_until_ready(step_stats))
     if i % config.eval_every == 0 or i == config.steps:
       eval_steps.append(i)
       heldout_bpc.append(np.asarray(evaluate(params, heldout_tokens)))
