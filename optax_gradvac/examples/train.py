@@ -203,9 +203,7 @@ def train(
         stats[name] = value
     return optax.apply_updates(params, updates), opt_state, stats
 
-  # Only the parameters are donated: an optimizer state may hold one buffer in two fields
-  # (e.g. equal zero arrays from `init`), which XLA refuses to donate twice.
-  step = jax.jit(step, donate_argnums=0)
+  step = jax.jit(step, donate_argnums=(0, 1))
   evaluate = jax.jit(lambda params, tokens: model_lib.bits_per_character(model, params, tokens))
 
   stats, eval_steps, heldout_bpc = [], [], []
