@@ -1,26 +1,28 @@
 """Multi-task gradient surgery for Optax: Gradient Vaccine and PCGrad."""
 
 from optax_gradvac._accumulation import multi_steps as multi_steps
-from optax_gradvac._algorithm import Surgery as Surgery
-from optax_gradvac._algorithm import gradvac_coefficients as gradvac_coefficients
-from optax_gradvac._algorithm import pairwise_cosine as pairwise_cosine
-from optax_gradvac._algorithm import visiting_order as visiting_order
+from optax_gradvac._gram import pairwise_cosine as pairwise_cosine
 from optax_gradvac._logging import similarity_summary as similarity_summary
+from optax_gradvac._methods.baselines import mean_tasks as mean_tasks
+from optax_gradvac._methods.baselines import sum_tasks as sum_tasks
+from optax_gradvac._methods.gradvac import GradVacState as GradVacState
+from optax_gradvac._methods.gradvac import Surgery as Surgery
+from optax_gradvac._methods.gradvac import gradvac as gradvac
+from optax_gradvac._methods.gradvac import gradvac_coefficients as gradvac_coefficients
+from optax_gradvac._methods.gradvac import pcgrad as pcgrad
+from optax_gradvac._methods.gradvac import visiting_order as visiting_order
+from optax_gradvac._pipeline import GramState as GramState
 from optax_gradvac._pytree import group_names as group_names
 from optax_gradvac._serialization import from_bytes as from_bytes
 from optax_gradvac._serialization import to_bytes as to_bytes
 from optax_gradvac._task_gradients import segment_value_and_grad as segment_value_and_grad
 from optax_gradvac._task_gradients import task_value_and_grad as task_value_and_grad
-from optax_gradvac._transform import GradVacState as GradVacState
-from optax_gradvac._transform import gradvac as gradvac
-from optax_gradvac._transform import mean_tasks as mean_tasks
-from optax_gradvac._transform import pcgrad as pcgrad
-from optax_gradvac._transform import sum_tasks as sum_tasks
 
 __version__ = "0.1.0"
 
 __all__ = (
   "GradVacState",
+  "GramState",
   "Surgery",
   "from_bytes",
   "gradvac",

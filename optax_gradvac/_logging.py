@@ -1,4 +1,4 @@
-"""What to log from a GradVac or PCGrad state: similarities and corrections per group."""
+"""What to log from a Gram-based method's state: similarities, weights and corrections."""
 
 from collections.abc import Sequence
 from typing import Any
@@ -6,21 +6,16 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from optax_gradvac import _pytree
-from optax_gradvac._transform import GradVacState
+from optax_gradvac import _pipeline, _pytree
 
 
-def _is_state(node: Any) -> bool:
-  return isinstance(node, GradVacState)
-
-
-def _find_state(opt_state: Any) -> GradVacState:
-  for node in jax.tree.leaves(opt_state, is_leaf=_is_state):
-    if _is_state(node):
+def _find_state(opt_state: Any) -> Any:
+  for node in jax.tree.leaves(opt_state, is_leaf=_pipeline.is_gram_state):
+    if _pipeline.is_gram_state(node):
       return node
   raise ValueError(
-    "similarity_summary: no GradVacState in the optimizer state; it needs the "
-    "state of a transformation built with gradvac or pcgrad."
+    "similarity_summary: no GradVacState (nor any other Gram-based method's state) in "
+    "the optimizer state; it needs the state of a transformation such as gradvac or pcgrad."
   )
 
 
@@ -43,9 +38,10 @@ def similarity_summary(
   *,
   task_names: Sequence[str] | None = None,
 ) -> dict[str, Any]:
-  """Similarity targets, gradient cosines and corrections, ready to log.
+  """Gradient cosines, task weights, similarity targets and corrections, ready to log.
 
-  Finds the first :class:`GradVacState` anywhere in ``opt_state`` (inside
+  Finds the first state of a Gram-based method (:class:`GradVacState`,
+  :class:`GramState`, ...) anywhere in ``opt_state`` (inside
   ``optax.chain``, ``optax.named_chain``, ``optax.partition``,
   ``optax.inject_hyperparams``, :func:`multi_steps` or ``nnx.Optimizer``) and
   names its groups with :func:`group_names`. Pure array code with a static
@@ -57,28 +53,35 @@ def similarity_summary(
   the last step.
 
   Args:
-    opt_state: an optimizer state containing a :class:`GradVacState`.
+    opt_state: an optimizer state containing the state of a Gram-based method.
     params: the parameters, or any tree with the paths the transformation saw
       (under ``optax.partition``, only the partition that holds ``gradvac``,
       e.g. ``{"trunk": params["trunk"]}``).
-    granularity: the transformation's granularity (``pcgrad``'s default is
-      ``"model"``).
+    granularity: the transformation's granularity (``gradvac``'s default is
+      ``"layer"``, every other method's ``"model"``).
     task_names: a name per task for ``task_cosine``; ``task_0``, ``task_1``,
       ... by default.
 
   Returns:
     A dict with
 
-    * ``"targets"``: ``{group name: [T, T] targets}`` (the EMA similarity goals),
     * ``"cosine"``: ``{group name: [T, T] cosines}`` of the original gradients
       at the last step,
-    * ``"mean_target"``, ``"mean_cosine"``: off-diagonal means,
-    * ``"corrected_fraction"``: the fraction of pairs corrected at the last step,
-    * ``"group_mean_cosine"``, ``"group_corrected_fraction"``: the same per
-      group, ``{group name: scalar}`` (a global mean hides a layer whose tasks
-      conflict behind layers whose gradients are orthogonal by construction),
+    * ``"weights"``: ``{group name: [T] weights}``, the weight of each task's
+      original gradient in the group's last update,
+    * ``"mean_cosine"``: the off-diagonal mean of the cosines,
+    * ``"group_mean_cosine"``: the same per group, ``{group name: scalar}`` (a
+      global mean hides a layer whose tasks conflict behind layers whose
+      gradients are orthogonal by construction),
     * ``"task_cosine"``: ``{task name: mean cosine with the other tasks}``,
-    * ``"count"``: the number of steps taken.
+    * ``"count"``: the number of steps taken;
+
+    and for :func:`gradvac` and :func:`pcgrad` also
+
+    * ``"targets"``: ``{group name: [T, T] targets}`` (the EMA similarity goals),
+    * ``"mean_target"``: their off-diagonal mean,
+    * ``"corrected_fraction"``: the fraction of pairs corrected at the last step,
+    * ``"group_corrected_fraction"``: the same per group.
 
   Example:
     >>> import jax.numpy as jnp, optax
@@ -96,9 +99,8 @@ def similarity_summary(
     -0.70710677 1.0
   """
   state = _find_state(opt_state)
-  targets, cosine = _array(state.targets), _array(state.cosine)
-  corrected = _array(state.corrected)
-  num_groups, num_tasks = targets.shape[0], targets.shape[-1]
+  cosine, weights = _array(state.cosine), _array(state.weights)
+  num_groups, num_tasks = cosine.shape[0], cosine.shape[-1]
   names = _pytree.group_names(params, granularity)
   if len(names) != num_groups:
     raise ValueError(
@@ -115,16 +117,22 @@ def similarity_summary(
   # A task absent from a group has cosine 0 with itself, 1 otherwise.
   present = jnp.diagonal(cosine, axis1=1, axis2=2) > 0.5  # [G, T]
   pairs = off_diagonal & present[:, :, None] & present[:, None, :]  # [G, T, T]
-  task_cosine = _mean(cosine, pairs, axis=(0, 2))
-  corrected = corrected.astype(cosine.dtype)
-  return {
-    "targets": dict(zip(names, targets, strict=True)),
+  summary = {
     "cosine": dict(zip(names, cosine, strict=True)),
-    "mean_target": _mean(targets, jnp.broadcast_to(off_diagonal, targets.shape)),
+    "weights": dict(zip(names, weights, strict=True)),
     "mean_cosine": _mean(cosine, pairs),
-    "corrected_fraction": _mean(corrected, pairs),
     "group_mean_cosine": dict(zip(names, _mean(cosine, pairs, axis=(1, 2)), strict=True)),
-    "group_corrected_fraction": dict(zip(names, _mean(corrected, pairs, axis=(1, 2)), strict=True)),
-    "task_cosine": dict(zip(task_names, task_cosine, strict=True)),
+    "task_cosine": dict(zip(task_names, _mean(cosine, pairs, axis=(0, 2)), strict=True)),
     "count": _array(state.count),
   }
+  if hasattr(state, "targets"):
+    targets = _array(state.targets)
+    summary["targets"] = dict(zip(names, targets, strict=True))
+    summary["mean_target"] = _mean(targets, jnp.broadcast_to(off_diagonal, targets.shape))
+  if hasattr(state, "corrected"):
+    corrected = _array(state.corrected).astype(cosine.dtype)
+    summary["corrected_fraction"] = _mean(corrected, pairs)
+    summary["group_corrected_fraction"] = dict(
+      zip(names, _mean(corrected, pairs, axis=(1, 2)), strict=True)
+    )
+  return summary

@@ -100,6 +100,38 @@ def test_scaling_all_gradients_scales_the_update(scale):
   assert state.corrected.any()
 
 
+@pytest.mark.parametrize("exponent", [70, 100])
+def test_gradients_whose_squares_overflow_are_handled_exactly(exponent):
+  """Entries around 1e21-1e30 overflow float32 squared norms but are finite: no fallback."""
+  scale = 2.0**exponent
+  tx = ogv.gradvac(4, beta=0.2, granularity="layer", key=0)
+  params = params_like(random_grads(0))
+  state, scaled_state = tx.init(params), tx.init(params)
+  update = jax.jit(tx.update)
+  for step in range(3):
+    grads = random_grads(step)
+    assert not np.isfinite(float(jnp.sum(jnp.square(grads["dense_0"]["kernel"][0] * scale))))
+    updates, state = update(grads, state, params)
+    scaled, scaled_state = update(jax.tree.map(lambda g: g * scale, grads), scaled_state, params)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(b / scale, a, rtol=1e-6), updates, scaled)
+    for field in ["count", "targets", "cosine", "corrected", "weights"]:
+      np.testing.assert_allclose(getattr(scaled_state, field), getattr(state, field), rtol=1e-6)
+  assert int(scaled_state.count) == 3 and state.corrected.any()
+
+
+def test_weights_in_the_state_reproduce_the_update():
+  """state.weights[g, t] is task t's weight in group g: sum_t w[g, t] grad_t is the update."""
+  grads = random_grads(0)
+  params = params_like(grads)
+  for tx in [ogv.gradvac(4, 0.5), ogv.pcgrad(4, granularity="layer", reduction="mean")]:
+    updates, state = jax.jit(tx.update)(grads, tx.init(params), params)
+    for group, layer in enumerate(["dense_0", "dense_1"]):
+      for name, grad in grads[layer].items():
+        expected = np.einsum("t,t...->...", np.asarray(state.weights[group]), np.asarray(grad))
+        np.testing.assert_allclose(updates[layer][name], expected, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(state.weights, state.weights[0, 0])  # surgery changed the weights
+
+
 def test_random_orders_differ_across_rows_groups_and_steps():
   order = np.asarray(ogv.visiting_order(jax.random.key(0), 3, 6))
   assert order.shape == (3, 6, 5) and order.dtype == np.int32
@@ -165,7 +197,7 @@ def test_non_finite_gradients_give_the_plain_sum_and_keep_the_state(bad):
     jax.random.key_data(new_state.key),
     jax.random.key_data(state.key),
   )
-  for field in ["count", "targets", "cosine", "corrected"]:
+  for field in ["count", "targets", "cosine", "corrected", "weights"]:
     np.testing.assert_array_equal(getattr(new_state, field), getattr(state, field))
 
 
@@ -252,6 +284,7 @@ def test_state_layout():
   assert jnp.issubdtype(state.key.dtype, jax.dtypes.prng_key)
   assert state.targets.shape == state.cosine.shape == state.corrected.shape == (4, 4, 4)
   assert state.corrected.dtype == bool
+  assert state.weights.shape == (4, 4)
   assert ogv.group_names(params, "tensor") == (
     "dense_0/bias",
     "dense_0/kernel",

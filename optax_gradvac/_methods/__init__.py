@@ -1,0 +1,1 @@
+"""The Gram-based methods: one module each, plugged into the shared pipeline."""
