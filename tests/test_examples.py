@@ -153,3 +153,14 @@ def test_family_recovery_of_a_block_matrix():
   assert recovery["ari"] == 1.0
   assert recovery["within_family"] == pytest.approx(0.5, abs=0.01)
   assert recovery["across_family"] == pytest.approx(0.1, abs=0.01)
+
+
+def test_family_permutation_test_against_the_exact_count():
+  """Two families of 4: 2 of the C(8, 4) = 70 labellings are as extreme as the truth."""
+  families = ["a"] * 4 + ["b"] * 4
+  same = np.equal.outer(families, families)
+  related = np.where(same, 0.5, 0.1)
+  p_value = analysis.family_permutation_test(related, families, num_permutations=20_000)
+  assert p_value == pytest.approx(2 / 70, abs=0.004)
+  # Families less similar inside than across: nothing to detect.
+  assert analysis.family_permutation_test(-related, families, num_permutations=2_000) > 0.9
