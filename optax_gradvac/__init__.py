@@ -12,6 +12,7 @@ from optax_gradvac._methods.gradvac import gradvac_coefficients as gradvac_coeff
 from optax_gradvac._methods.gradvac import pcgrad as pcgrad
 from optax_gradvac._methods.gradvac import visiting_order as visiting_order
 from optax_gradvac._pipeline import GramState as GramState
+from optax_gradvac._pytree import StackedLayers as StackedLayers
 from optax_gradvac._pytree import group_names as group_names
 from optax_gradvac._serialization import from_bytes as from_bytes
 from optax_gradvac._serialization import to_bytes as to_bytes
@@ -23,6 +24,7 @@ __version__ = "0.1.0"
 __all__ = (
   "GradVacState",
   "GramState",
+  "StackedLayers",
   "Surgery",
   "from_bytes",
   "gradvac",

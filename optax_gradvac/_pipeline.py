@@ -122,7 +122,7 @@ def gram_transformation(
   ) -> tuple[optax.Updates, State]:
     del extra_args
     leaves, _ = _pytree.check_task_axis(method.name, updates, params, num_tasks)
-    names, groups = _pytree.leaf_groups(updates, granularity)
+    names, groups = _pytree.leaf_groups(updates, granularity, task_axis=True)
     if len(names) != state.cosine.shape[0]:
       raise ValueError(
         f"{method.name}: the gradients form {len(names)} groups under granularity "
@@ -149,7 +149,7 @@ def gram_transformation(
     )
     new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
     reduced = [
-      _pytree.weighted_sum(leaf, weights[group]) for leaf, group in zip(leaves, groups, strict=True)
+      _pytree.weighted_sum(leaf, weights, group) for leaf, group in zip(leaves, groups, strict=True)
     ]
     return jax.tree.unflatten(jax.tree.structure(updates), reduced), new_state
 

@@ -5,6 +5,7 @@ The two functions that touch the gradients, :func:`gram_matrices` and
 acts on ``[num_groups, T, T]`` arrays.
 """
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -12,11 +13,55 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
-Granularity = str | Callable[[Any], Any]
 GRANULARITIES = ("model", "layer", "tensor")
 _PRECISION = jax.lax.Precision.HIGHEST
 
 KeyPath = tuple[Any, ...]
+Group = int | tuple[int, ...]  # a leaf's group, or the group of each of its stacked layers
+
+
+@dataclasses.dataclass(frozen=True, init=False)
+class StackedLayers:
+  """Per-layer groups for models whose layers are stacked on a leading axis.
+
+  ``nn.scan``, ``nnx.scan`` or ``nnx.vmap`` over blocks put every block's parameters
+  in one leaf (``blocks/mlp/kernel`` is ``[L, d, d]``), so path-based groups would
+  merge the ``L`` layers into one. Under each prefix given here, every leaf carries
+  the layers on its leading axis (after the task axis in the gradients), and slice
+  ``l`` of each leaf belongs to the group of layer ``l``: ``blocks/mlp`` becomes
+  ``blocks/0/mlp``, ``blocks/1/mlp``, ... The groups of a stack come in layer-major
+  order, as the same model written with a Python loop over its blocks would give
+  them. In the Gram form a stack's groups cost one batched contraction per leaf.
+
+  Args:
+    *prefixes: the paths of the stacked subtrees, as :func:`group_names` writes
+      them (e.g. ``"blocks"`` or ``"encoder/layers"``).
+    granularity: ``"layer"`` (default; leaves grouped by parent path within a
+      layer, and elsewhere) or ``"tensor"`` (one group per leaf and layer).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import optax_gradvac as ogv
+    >>> params = {"blocks": {"mlp": {"kernel": jnp.ones((3, 4, 4))}}, "head": {"w": jnp.ones(4)}}
+    >>> ogv.group_names(params, ogv.StackedLayers("blocks"))
+    ('blocks/0/mlp', 'blocks/1/mlp', 'blocks/2/mlp', 'head')
+  """
+
+  prefixes: tuple[str, ...]
+  granularity: str
+
+  def __init__(self, *prefixes: str, granularity: str = "layer") -> None:
+    if not prefixes or not all(isinstance(prefix, str) and prefix for prefix in prefixes):
+      raise ValueError(f"StackedLayers: expected one or more path prefixes, got {prefixes!r}.")
+    if granularity not in ("layer", "tensor"):
+      raise ValueError(
+        f"StackedLayers: granularity must be 'layer' or 'tensor', got {granularity!r}."
+      )
+    object.__setattr__(self, "prefixes", tuple(prefix.strip("/") for prefix in prefixes))
+    object.__setattr__(self, "granularity", granularity)
+
+
+Granularity = str | Callable[[Any], Any] | StackedLayers
 
 
 def _path_of(path: KeyPath) -> KeyPath:
@@ -33,30 +78,102 @@ def path_name(path: KeyPath) -> str:
 
 
 def check_granularity(granularity: Granularity) -> None:
+  if isinstance(granularity, StackedLayers):
+    return
   if not callable(granularity) and granularity not in GRANULARITIES:
     raise ValueError(
-      f"Unknown granularity {granularity!r}: expected one of {GRANULARITIES} "
-      "or a callable params -> pytree of group labels."
+      f"Unknown granularity {granularity!r}: expected one of {GRANULARITIES}, "
+      "an ogv.StackedLayers or a callable params -> pytree of group labels."
     )
 
 
-def leaf_groups(tree: Any, granularity: Granularity) -> tuple[tuple[str, ...], list[int]]:
-  """Group names, in order of first appearance, and the group of every leaf."""
-  check_granularity(granularity)
-  paths = [path for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+def _labels(paths: Sequence[KeyPath], granularity: str) -> list[str]:
   if granularity == "model":
-    labels = ["model"] * len(paths)
-  elif granularity == "layer":
-    labels = [path_name(_path_of(path)[:-1]) for path in paths]
-  elif granularity == "tensor":
-    labels = [path_name(path) for path in paths]
-  else:
+    return ["model"] * len(paths)
+  if granularity == "layer":
+    return [path_name(_path_of(path)[:-1]) for path in paths]
+  return [path_name(path) for path in paths]
+
+
+def _stack_of(name: str, prefixes: Sequence[str]) -> str | None:
+  return next((p for p in prefixes if name == p or name.startswith(p + "/")), None)
+
+
+def _stacked_groups(
+  flat: Sequence[tuple[KeyPath, Any]], spec: StackedLayers, layer_axis: int
+) -> tuple[tuple[str, ...], list[Group]]:
+  """Groups under :class:`StackedLayers`: one per (layer, group) inside a stack."""
+  labels = _labels([path for path, _ in flat], spec.granularity)
+  stacks = [_stack_of(path_name(path), spec.prefixes) for path, _ in flat]
+  for prefix in spec.prefixes:
+    if prefix not in stacks:
+      raise ValueError(
+        f"StackedLayers: no leaf lies under the prefix {prefix!r}; the paths are "
+        f"{sorted({path_name(path) for path, _ in flat})}."
+      )
+  num_layers: dict[str, tuple[int, str]] = {}
+  for (path, leaf), stack in zip(flat, stacks, strict=True):
+    if stack is None:
+      continue
+    shape = tuple(jnp.shape(leaf))
+    if len(shape) <= layer_axis:
+      raise ValueError(
+        f"StackedLayers: leaf {path_name(path)!r} under {stack!r} has shape {shape}: "
+        "no stacked layer axis."
+      )
+    size, first = num_layers.setdefault(stack, (shape[layer_axis], path_name(path)))
+    if shape[layer_axis] != size:
+      raise ValueError(
+        f"StackedLayers: leaf {path_name(path)!r} stacks {shape[layer_axis]} layers "
+        f"(shape {shape}) but {first!r} under the same prefix {stack!r} stacks {size}."
+      )
+
+  def sliced(label: str, stack: str, layer: int) -> str:
+    return f"{stack}/{layer}" + label[len(stack) :]
+
+  ordered: list[str] = []
+  for label, stack in zip(labels, stacks, strict=True):
+    if stack is None:
+      ordered.append(label)
+    elif not any(name.startswith(stack + "/") for name in ordered):
+      # The stack's first leaf: all of the stack's groups, layer-major.
+      block = [other for other, where in zip(labels, stacks, strict=True) if where == stack]
+      ordered += [
+        sliced(other, stack, layer) for layer in range(num_layers[stack][0]) for other in block
+      ]
+  names = tuple(dict.fromkeys(ordered))
+  index = {name: position for position, name in enumerate(names)}
+  groups: list[Group] = [
+    index[label]
+    if stack is None
+    else tuple(index[sliced(label, stack, layer)] for layer in range(num_layers[stack][0]))
+    for label, stack in zip(labels, stacks, strict=True)
+  ]
+  return names, groups
+
+
+def leaf_groups(
+  tree: Any, granularity: Granularity, *, task_axis: bool = False
+) -> tuple[tuple[str, ...], list[Group]]:
+  """Group names, in order of first appearance, and the group of every leaf.
+
+  ``task_axis`` says whether the leaves carry a leading task axis (the stacked
+  gradients) or not (the parameters): stacked layers are on the next axis.
+  """
+  check_granularity(granularity)
+  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  if isinstance(granularity, StackedLayers):
+    return _stacked_groups(flat, granularity, layer_axis=int(task_axis))
+  paths = [path for path, _ in flat]
+  if callable(granularity):
     labels = [str(label) for label in jax.tree.leaves(granularity(tree))]
     if len(labels) != len(paths):
       raise ValueError(
         f"The granularity callable returned {len(labels)} labels for a tree of "
         f"{len(paths)} leaves: it must return one label per leaf."
       )
+  else:
+    labels = _labels(paths, granularity)
   names = tuple(dict.fromkeys(labels))
   index = {name: position for position, name in enumerate(names)}
   return names, [index[label] for label in labels]
@@ -135,41 +252,49 @@ def _has_explicit_axes(leaf: jax.Array) -> bool:
 
 
 def gram_matrices(
-  leaves: Sequence[jax.Array], groups: Sequence[int], num_groups: int, dtype: jnp.dtype
+  leaves: Sequence[jax.Array], groups: Sequence[Group], num_groups: int, dtype: jnp.dtype
 ) -> jax.Array:
   """``[num_groups, T, T]`` Gram matrices of the per-task gradients of each group.
 
-  One contraction per leaf over all but the task axis, at HIGHEST precision
-  (TPU's default f32 matmul is not exact) and accumulated in ``dtype``.
+  One contraction per leaf over all but the task axis (and the stacked-layer axis,
+  for a leaf whose group is a tuple: a batched contraction, one Gram matrix per
+  layer), at HIGHEST precision (TPU's default f32 matmul is not exact) and
+  accumulated in ``dtype``.
   """
   num_tasks = leaves[0].shape[0]
   grams = [jnp.zeros((num_tasks, num_tasks), dtype) for _ in range(num_groups)]
   for leaf, group in zip(leaves, groups, strict=True):
+    batch = (1,) if isinstance(group, tuple) else ()
     if _has_explicit_axes(leaf):
       # A reshape cannot always express an Explicit sharding, so contract the
       # axes in place and name the (replicated) output sharding, as required
       # when the contracted axes are sharded.
-      axes = tuple(range(1, leaf.ndim))
+      axes = tuple(range(1 + len(batch), leaf.ndim))
       out_sharding = PartitionSpec()
     else:
       # A [T, P] view: contracting several axes at once made XLA:CPU copy the
       # whole leaf into a transposed layout first (2-3x slower, and as much
       # temporary memory as the gradients).
-      leaf = leaf.reshape(num_tasks, -1)
-      axes, out_sharding = (1,), None
-    grams[group] = grams[group] + jax.lax.dot_general(
+      leaf = leaf.reshape(*leaf.shape[: 1 + len(batch)], -1)
+      axes, out_sharding = (1 + len(batch),), None
+    gram = jax.lax.dot_general(
       leaf,
       leaf,
-      ((axes, axes), ((), ())),
+      ((axes, axes), (batch, batch)),
       precision=_PRECISION,
       preferred_element_type=dtype,
       out_sharding=out_sharding,
     )
+    if isinstance(group, tuple):
+      for layer, layer_group in enumerate(group):
+        grams[layer_group] = grams[layer_group] + gram[layer]
+    else:
+      grams[group] = grams[group] + gram
   return jnp.stack(grams)
 
 
 def scaled_gram_matrices(
-  leaves: Sequence[jax.Array], groups: Sequence[int], num_groups: int, dtype: jnp.dtype
+  leaves: Sequence[jax.Array], groups: Sequence[Group], num_groups: int, dtype: jnp.dtype
 ) -> tuple[jax.Array, jax.Array]:
   """:func:`gram_matrices`, of the gradients divided by a power of two if need be.
 
@@ -198,18 +323,22 @@ def scaled_gram_matrices(
   return jax.lax.cond(finite, lambda _: (gram, one), rescaled, list(leaves))
 
 
-def weighted_sum(leaf: jax.Array, weights: jax.Array) -> jax.Array:
-  """``sum_t weights[t] * leaf[t]`` in ``weights``' dtype, returned in the leaf's.
+def weighted_sum(leaf: jax.Array, weights: jax.Array, group: Group) -> jax.Array:
+  """``sum_t weights[group, t] * leaf[t]`` in ``weights``' dtype, returned in the leaf's.
 
-  A contraction rather than ``(weights[:, None] * leaf).sum(0)``, which was many
-  times slower on XLA:CPU.
+  ``weights`` is ``[num_groups, T]``. For a leaf of stacked layers (``group`` a
+  tuple), slice ``l`` is weighted with its layer's group: a batched contraction.
+  A contraction rather than ``(w[:, None] * leaf).sum(0)``, which was many times
+  slower on XLA:CPU.
   """
+  if isinstance(group, tuple):
+    dimensions = (((1,), (0,)), ((0,), (1,)))  # [L, T] x [T, L, ...] -> [L, ...]
+    weights = weights[jnp.asarray(group)]
+  else:
+    dimensions = (((0,), (0,)), ((), ()))
+    weights = weights[group]
   total = jax.lax.dot_general(
-    weights,
-    leaf,
-    (((0,), (0,)), ((), ())),
-    precision=_PRECISION,
-    preferred_element_type=weights.dtype,
+    weights, leaf, dimensions, precision=_PRECISION, preferred_element_type=weights.dtype
   )
   return total.astype(leaf.dtype)
 

@@ -31,8 +31,8 @@ def _reduce_tasks(
     if not leaves:
       return updates, state
     weight = 1.0 if reduction == "sum" else 1.0 / tasks
-    weights = jnp.full((tasks,), weight, _pytree.compute_dtype(leaves))
-    reduced = [_pytree.weighted_sum(leaf, weights) for leaf in leaves]
+    weights = jnp.full((1, tasks), weight, _pytree.compute_dtype(leaves))
+    reduced = [_pytree.weighted_sum(leaf, weights, 0) for leaf in leaves]
     return jax.tree.unflatten(jax.tree.structure(updates), reduced), state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
