@@ -19,6 +19,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from optax_gradvac import _checks
+
 
 class Surgery(NamedTuple):
   """Result of :func:`gradvac_coefficients` for one parameter group."""
@@ -63,6 +65,7 @@ def pairwise_cosine(gram: jax.typing.ArrayLike) -> jax.Array:
     vectors.
   """
   gram = jnp.asarray(gram)
+  _checks.check_gram("pairwise_cosine", gram)
   gram = jax.vmap(_normalise)(gram.reshape(-1, *gram.shape[-2:])).reshape(gram.shape)
   sq_norms = jnp.diagonal(gram, axis1=-2, axis2=-1)
   return _cosine(gram, sq_norms[..., :, None], sq_norms[..., None, :])
@@ -74,7 +77,8 @@ def visiting_order(
   """The order in which every task visits the others, per parameter group.
 
   Args:
-    key: a PRNG key; unused when ``shuffle`` is false.
+    key: a PRNG key (typed or raw) or an integer seed; unused when ``shuffle``
+      is false.
     num_groups: number of parameter groups.
     num_tasks: number of tasks ``T``.
     shuffle: draw an independent random permutation of the other tasks for
@@ -85,8 +89,12 @@ def visiting_order(
     ``[num_groups, T, T - 1]`` int32 array: task ``i`` of group ``k`` visits
     ``order[k, i, 0]``, then ``order[k, i, 1]``, ...
   """
+  _checks.check_size("visiting_order", "num_groups", num_groups, 0)
+  _checks.check_num_tasks("visiting_order", num_tasks)
+  _checks.check_flag("visiting_order", "shuffle", shuffle)
   tasks = jnp.arange(num_tasks)
   if shuffle:
+    key = _checks.canonicalize_key("visiting_order", key)
     # Uniforms in [0, 1) with the diagonal set to 2: sorting puts task i last
     # in its own row and the others in a uniformly random order before it.
     priority = jax.random.uniform(key, (num_groups, num_tasks, num_tasks))
@@ -152,6 +160,9 @@ def gradvac_coefficients(
     <https://arxiv.org/abs/2010.05874>`_, 2021
   """
   gram, targets, order = jnp.asarray(gram), jnp.asarray(targets), jnp.asarray(order)
+  _checks.check_surgery_inputs("gradvac_coefficients", gram, targets, order)
+  _checks.check_rate("gradvac_coefficients", "beta", beta)
+  _checks.check_positive("gradvac_coefficients", "eps", eps)
   num_tasks = gram.shape[-1]
   gram = _normalise(gram)
   sq_norms = jnp.diagonal(gram)

@@ -1,14 +1,13 @@
 """GradVac, PCGrad and the plain baselines as optax transformations."""
 
 import functools
-import numbers
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from optax_gradvac import _algorithm, _pytree
+from optax_gradvac import _algorithm, _checks, _pytree
 
 _REDUCTIONS = ("sum", "mean")
 
@@ -23,23 +22,6 @@ class GradVacState(NamedTuple):
   corrected: jax.Array  # [num_groups, T, T] bool: pairs (i, j) corrected at the last step.
 
 
-def _canonicalize_key(key: jax.Array | int) -> jax.Array:
-  # An int seed may arrive as a traced array (optax.inject_hyperparams).
-  if isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-    return key
-  return jax.random.key(key)
-
-
-def _check_num_tasks(num_tasks: Any, name: str) -> None:
-  if not isinstance(num_tasks, numbers.Integral) or isinstance(num_tasks, bool):
-    raise TypeError(
-      f"{name}: num_tasks must be a Python int, got {num_tasks!r}. With "
-      "optax.inject_hyperparams, pass static_args=('num_tasks',)."
-    )
-  if num_tasks < 1:
-    raise ValueError(f"{name}: num_tasks must be at least 1, got {num_tasks}.")
-
-
 def _check_reduction(reduction: str, name: str) -> None:
   if reduction not in _REDUCTIONS:
     raise ValueError(f"{name}: reduction must be one of {_REDUCTIONS}, got {reduction!r}.")
@@ -50,7 +32,7 @@ def _reduce_tasks(
 ) -> optax.GradientTransformationExtraArgs:
   """The plain baselines: sum or mean over the task axis, with the shape checks."""
   if num_tasks is not None:
-    _check_num_tasks(num_tasks, name)
+    _checks.check_num_tasks(name, num_tasks)
 
   def init_fn(params: optax.Params) -> optax.EmptyState:
     del params
@@ -179,7 +161,8 @@ def gradvac(
       group; derive labels from paths, not shapes: the callable sees the
       parameters at ``init`` and the stacked gradients at ``update``). See
       :func:`group_names` for the order of the groups.
-    key: PRNG key or integer seed for the random visiting orders.
+    key: PRNG key (typed, or a raw ``jax.random.PRNGKey``) or integer seed for
+      the random visiting orders; the state keeps a typed key.
     shuffle: visit the other tasks in a random order drawn per (group, task)
       each step, as in the paper; ``False`` visits them in ascending order.
     reduction: ``"sum"`` (the paper) or ``"mean"`` of the corrected gradients.
@@ -210,15 +193,16 @@ def gradvac(
     Optimization in Massively Multilingual Models
     <https://arxiv.org/abs/2010.05874>`_, 2021
   """
-  _check_num_tasks(num_tasks, "gradvac")
+  _checks.check_num_tasks("gradvac", num_tasks)
   _pytree.check_granularity(granularity)
   _check_reduction(reduction, "gradvac")
-  if isinstance(beta, numbers.Real) and not 0 <= beta <= 1:
-    raise ValueError(f"gradvac: beta must be in [0, 1], got {beta}.")
-  if isinstance(eps, numbers.Real) and not eps > 0:
-    raise ValueError(f"gradvac: eps must be positive, got {eps}.")
+  _checks.check_rate("gradvac", "beta", beta)
+  _checks.check_positive("gradvac", "eps", eps)
+  _checks.check_key("gradvac", key)
+  _checks.check_flag("gradvac", "shuffle", shuffle)
 
   def init_fn(params: optax.Params) -> GradVacState:
+    _checks.check_arrays("gradvac", "parameter", params)
     names, _ = _pytree.leaf_groups(params, granularity)
     dtype = _pytree.compute_dtype(
       [leaf for leaf in jax.tree.leaves(params) if jnp.issubdtype(leaf.dtype, jnp.floating)]
@@ -227,7 +211,7 @@ def gradvac(
     # A buffer per field, so that the state can be donated to a jitted step.
     return GradVacState(
       count=jnp.zeros([], jnp.int32),
-      key=_canonicalize_key(key),
+      key=_checks.canonicalize_key("gradvac", key),
       targets=jnp.zeros(shape, dtype),
       cosine=jnp.zeros(shape, dtype),
       corrected=jnp.zeros(shape, bool),
@@ -241,6 +225,7 @@ def gradvac(
   ) -> tuple[optax.Updates, GradVacState]:
     del extra_args
     leaves, _ = _pytree.check_task_axis("gradvac", updates, params, num_tasks)
+    _checks.check_state("gradvac", state, GradVacState, num_tasks)
     names, groups = _pytree.leaf_groups(updates, granularity)
     if len(names) != state.targets.shape[0]:
       raise ValueError(
@@ -307,7 +292,7 @@ def pcgrad(
     num_tasks: number of tasks ``T`` (a Python int).
     granularity: ``"model"`` (default, as in the paper), ``"layer"``,
       ``"tensor"`` or a callable; see :func:`gradvac`.
-    key: PRNG key or integer seed for the random visiting orders.
+    key: PRNG key (typed or raw) or integer seed for the random visiting orders.
     shuffle: random visiting order per (group, task) each step, as in the
       paper; ``False`` visits the others in ascending order.
     reduction: ``"sum"`` (the paper) or ``"mean"``.
