@@ -1,10 +1,13 @@
 """Gradient accumulation over micro-batches for transforms of stacked per-task gradients."""
 
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
+
+from optax_gradvac import _checks, _pytree
 
 
 def multi_steps(
@@ -61,6 +64,11 @@ def multi_steps(
     >>> print(updates["w"])  # the sum over tasks of the averaged gradients
     [2. 2.]
   """
+  _checks.check_transformation("multi_steps", tx)
+  _checks.check_every_k("multi_steps", every_k_schedule)
+  _checks.check_num_tasks("multi_steps", num_tasks)
+  _checks.check_flag("multi_steps", "use_grad_mean", use_grad_mean)
+  _checks.check_float_dtype("multi_steps", "accumulator_dtype", accumulator_dtype)
   accumulator = optax.MultiSteps(
     tx,
     every_k_schedule,
@@ -77,4 +85,16 @@ def multi_steps(
     )
     return accumulator.init(params)._replace(acc_grads=acc_grads)
 
-  return optax.GradientTransformationExtraArgs(init_fn, accumulator.update)
+  def update_fn(
+    updates: optax.Updates,
+    state: optax.MultiStepsState,
+    params: optax.Params | None = None,
+    **extra_args: Any,
+  ) -> tuple[optax.Updates, optax.MultiStepsState]:
+    # optax.MultiSteps would broadcast gradients without their task axis, or
+    # with a task axis of 1, against the accumulator without a word.
+    _pytree.check_task_axis("multi_steps", updates, params, num_tasks)
+    _checks.check_accumulator("multi_steps", state, updates)
+    return accumulator.update(updates, state, params, **extra_args)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)

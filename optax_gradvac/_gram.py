@@ -3,6 +3,8 @@
 import jax
 import jax.numpy as jnp
 
+from optax_gradvac import _checks
+
 
 def normalise(gram: jax.Array) -> jax.Array:
   """Divides a Gram matrix by its largest diagonal entry.
@@ -39,6 +41,7 @@ def pairwise_cosine(gram: jax.typing.ArrayLike) -> jax.Array:
     vectors.
   """
   gram = jnp.asarray(gram)
+  _checks.check_gram("pairwise_cosine", gram)
   gram = jax.vmap(normalise)(gram.reshape(-1, *gram.shape[-2:])).reshape(gram.shape)
   sq_norms = jnp.diagonal(gram, axis1=-2, axis2=-1)
   return cosine(gram, sq_norms[..., :, None], sq_norms[..., None, :])

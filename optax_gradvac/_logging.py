@@ -6,7 +6,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from optax_gradvac import _pipeline, _pytree
+from optax_gradvac import _checks, _pipeline, _pytree
 
 
 def _find_state(opt_state: Any) -> Any:
@@ -110,6 +110,7 @@ def similarity_summary(
     )
   if task_names is None:
     task_names = [f"task_{task}" for task in range(num_tasks)]
+  _checks.check_task_names("similarity_summary", task_names)
   if len(task_names) != num_tasks:
     raise ValueError(f"similarity_summary: {len(task_names)} task names for {num_tasks} tasks.")
 

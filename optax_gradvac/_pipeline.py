@@ -7,7 +7,6 @@ the input checks, the parameter groups, the Gram pass, non-finite and overflowin
 gradients, the state fields every method logs, and the weighted sum.
 """
 
-import numbers
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -15,26 +14,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_gradvac import _pytree
+from optax_gradvac import _checks, _pytree
 from optax_gradvac._gram import pairwise_cosine
 
 State = Any  # a NamedTuple with at least the fields of GramState.
-REDUCTIONS = ("sum", "mean")
-
-
-def check_num_tasks(num_tasks: Any, name: str) -> None:
-  if not isinstance(num_tasks, numbers.Integral) or isinstance(num_tasks, bool):
-    raise TypeError(
-      f"{name}: num_tasks must be a Python int, got {num_tasks!r}. With "
-      "optax.inject_hyperparams, pass static_args=('num_tasks',)."
-    )
-  if num_tasks < 1:
-    raise ValueError(f"{name}: num_tasks must be at least 1, got {num_tasks}.")
-
-
-def check_reduction(reduction: str, name: str) -> None:
-  if reduction not in REDUCTIONS:
-    raise ValueError(f"{name}: reduction must be one of {REDUCTIONS}, got {reduction!r}.")
 
 
 class GramState(NamedTuple):
@@ -108,6 +91,7 @@ def gram_transformation(
   _pytree.check_granularity(granularity)
 
   def init_fn(params: optax.Params) -> State:
+    _checks.check_arrays(method.name, "parameter", params)
     names, _ = _pytree.leaf_groups(params, granularity)
     floating = [
       leaf for leaf in jax.tree.leaves(params) if jnp.issubdtype(leaf.dtype, jnp.floating)
@@ -122,6 +106,8 @@ def gram_transformation(
   ) -> tuple[optax.Updates, State]:
     del extra_args
     leaves, _ = _pytree.check_task_axis(method.name, updates, params, num_tasks)
+    expected = jax.eval_shape(lambda: method.init(1, num_tasks, jnp.dtype(jnp.float32)))
+    _checks.check_state(method.name, state, expected)
     names, groups = _pytree.leaf_groups(updates, granularity, task_axis=True)
     if len(names) != state.cosine.shape[0]:
       raise ValueError(

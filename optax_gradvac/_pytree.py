@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
+from optax_gradvac import _checks
+
 GRANULARITIES = ("model", "layer", "tensor")
 _PRECISION = jax.lax.Precision.HIGHEST
 
@@ -72,9 +74,7 @@ def _path_of(path: KeyPath) -> KeyPath:
   return path
 
 
-def path_name(path: KeyPath) -> str:
-  """``block_0/dense/kernel`` for a key path; ``<root>`` for the empty path."""
-  return jax.tree_util.keystr(_path_of(path), simple=True, separator="/") or "<root>"
+path_name = _checks.leaf_name
 
 
 def check_granularity(granularity: Granularity) -> None:
@@ -166,12 +166,7 @@ def leaf_groups(
     return _stacked_groups(flat, granularity, layer_axis=int(task_axis))
   paths = [path for path, _ in flat]
   if callable(granularity):
-    labels = [str(label) for label in jax.tree.leaves(granularity(tree))]
-    if len(labels) != len(paths):
-      raise ValueError(
-        f"The granularity callable returned {len(labels)} labels for a tree of "
-        f"{len(paths)} leaves: it must return one label per leaf."
-      )
+    labels = [str(label) for label in _checks.group_labels(granularity, tree)]
   else:
     labels = _labels(paths, granularity)
   names = tuple(dict.fromkeys(labels))
@@ -213,15 +208,12 @@ def check_task_axis(
   Every leaf must be floating point and shaped ``[num_tasks, *param.shape]``.
   With ``num_tasks=None`` the leading axis of the first leaf sets it.
   """
+  _checks.check_arrays(name, "gradient", updates)
+  _checks.check_same_structure(name, updates, params)
   flat = jax.tree_util.tree_flatten_with_path(updates)[0]
   param_shapes = [None] * len(flat)
   if params is not None:
     param_shapes = [tuple(jnp.shape(param)) for param in jax.tree.leaves(params)]
-    if len(param_shapes) != len(flat):
-      raise ValueError(
-        f"{name}: the gradients have {len(flat)} leaves but params has "
-        f"{len(param_shapes)}: they must be the same tree."
-      )
   for (path, leaf), param_shape in zip(flat, param_shapes, strict=True):
     shape = tuple(leaf.shape)
     if not jnp.issubdtype(leaf.dtype, jnp.floating):

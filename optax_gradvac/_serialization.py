@@ -5,6 +5,8 @@ from typing import Any, TypeVar
 import jax
 from flax import serialization
 
+from optax_gradvac import _checks
+
 Tree = TypeVar("Tree")
 
 
@@ -57,7 +59,9 @@ def from_bytes(target: Tree, encoded: bytes) -> Tree:
     (place sharded states with ``jax.device_put``, or checkpoint them with
     orbax-checkpoint, which keeps shardings).
   """
-  restored = serialization.from_bytes(target, encoded)
+  saved = serialization.msgpack_restore(encoded)
+  _checks.check_restorable("from_bytes", serialization.to_state_dict(target), saved)
+  restored = serialization.from_state_dict(target, saved)
   return jax.tree.map(
     lambda leaf, value: (
       jax.random.wrap_key_data(value, dtype=leaf.dtype) if _is_key(leaf) else value

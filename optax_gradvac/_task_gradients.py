@@ -6,6 +6,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from optax_gradvac import _checks
+
 
 def task_value_and_grad(
   loss_fn: Callable[..., Any], *, has_aux: bool = False
@@ -39,9 +41,12 @@ def task_value_and_grad(
     >>> print(losses.shape, grads["w"].shape)
     (4,) (4, 3)
   """
-  value_and_grad = jax.value_and_grad(loss_fn, has_aux=has_aux)
+  _checks.check_flag("task_value_and_grad", "has_aux", has_aux)
+  checked_loss = _checks.scalar_loss("task_value_and_grad", loss_fn, has_aux)
+  value_and_grad = jax.value_and_grad(checked_loss, has_aux=has_aux)
 
   def per_task(params: Any, *task_batches: Any) -> tuple[Any, Any]:
+    _checks.check_task_batches("task_value_and_grad", task_batches)
     in_axes = (None, *([0] * len(task_batches)))
     return jax.vmap(value_and_grad, in_axes=in_axes)(params, *task_batches)
 
@@ -96,11 +101,17 @@ def segment_value_and_grad(
      [ 0.  0.]
      [-1. -1.]]
   """
+  _checks.check_num_tasks("segment_value_and_grad", num_tasks)
+  _checks.check_flag("segment_value_and_grad", "has_aux", has_aux)
 
   def per_task(params: Any, task_ids: jax.Array, *batch: Any) -> tuple[Any, Any]:
+    _checks.check_task_ids("segment_value_and_grad", task_ids)
+
     def task_losses(params: Any) -> tuple[jax.Array, Any]:
       output = loss_fn(params, *batch)
+      _checks.check_loss_output("segment_value_and_grad", output, has_aux)
       example_losses, aux = output if has_aux else (output, None)
+      _checks.check_example_losses("segment_value_and_grad", example_losses, task_ids)
       totals = jax.ops.segment_sum(example_losses, task_ids, num_segments=num_tasks)
       counts = jax.ops.segment_sum(jnp.ones_like(example_losses), task_ids, num_segments=num_tasks)
       # An absent task divides 0 by 1: its loss is 0 and its cotangent reaches

@@ -173,7 +173,7 @@ def test_pcgrad_matches_pcgrad_reference(shuffle):
         np.testing.assert_array_equal(state.targets, 0)
 
 
-@settings(max_examples=25, deadline=None)
+@settings(deadline=None)
 @given(
   num_tasks=st.integers(1, 8),
   sizes=st.lists(st.integers(1, 6), min_size=1, max_size=3),
@@ -201,7 +201,7 @@ def test_pure_function_matches_reference_for_random_shapes(num_tasks, sizes, bet
     np.testing.assert_array_equal(surgery.corrected, expected_corrected)
 
 
-@settings(max_examples=20, deadline=None)
+@settings(deadline=None)
 @given(
   num_tasks=st.integers(1, 8),
   shapes=st.lists(st.lists(st.integers(1, 4), max_size=3).map(tuple), min_size=1, max_size=4),

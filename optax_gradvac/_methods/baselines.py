@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_gradvac import _pipeline, _pytree
+from optax_gradvac import _checks, _pytree
 
 
 def _reduce_tasks(
@@ -14,7 +14,7 @@ def _reduce_tasks(
 ) -> optax.GradientTransformationExtraArgs:
   """The plain baselines: sum or mean over the task axis, with the shape checks."""
   if num_tasks is not None:
-    _pipeline.check_num_tasks(num_tasks, name)
+    _checks.check_num_tasks(name, num_tasks)
 
   def init_fn(params: optax.Params) -> optax.EmptyState:
     del params

@@ -15,14 +15,13 @@ run together: round ``r`` of a ``lax.scan`` pairs each row ``i`` with its
 """
 
 import functools
-import numbers
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from optax_gradvac import _gram, _pipeline, _pytree
+from optax_gradvac import _checks, _gram, _pipeline, _pytree
 
 
 class Surgery(NamedTuple):
@@ -39,7 +38,8 @@ def visiting_order(
   """The order in which every task visits the others, per parameter group.
 
   Args:
-    key: a PRNG key; unused when ``shuffle`` is false.
+    key: a PRNG key (typed or raw) or an integer seed; unused when ``shuffle``
+      is false.
     num_groups: number of parameter groups.
     num_tasks: number of tasks ``T``.
     shuffle: draw an independent random permutation of the other tasks for
@@ -50,8 +50,12 @@ def visiting_order(
     ``[num_groups, T, T - 1]`` int32 array: task ``i`` of group ``k`` visits
     ``order[k, i, 0]``, then ``order[k, i, 1]``, ...
   """
+  _checks.check_size("visiting_order", "num_groups", num_groups, 0)
+  _checks.check_num_tasks("visiting_order", num_tasks)
+  _checks.check_flag("visiting_order", "shuffle", shuffle)
   tasks = jnp.arange(num_tasks)
   if shuffle:
+    key = _checks.canonicalize_key("visiting_order", key)
     # Uniforms in [0, 1) with the diagonal set to 2: sorting puts task i last
     # in its own row and the others in a uniformly random order before it.
     priority = jax.random.uniform(key, (num_groups, num_tasks, num_tasks))
@@ -117,6 +121,9 @@ def gradvac_coefficients(
     <https://arxiv.org/abs/2010.05874>`_, 2021
   """
   gram, targets, order = jnp.asarray(gram), jnp.asarray(targets), jnp.asarray(order)
+  _checks.check_surgery_inputs("gradvac_coefficients", gram, targets, order)
+  _checks.check_rate("gradvac_coefficients", "beta", beta)
+  _checks.check_positive("gradvac_coefficients", "eps", eps)
   num_tasks = gram.shape[-1]
   gram = _gram.normalise(gram)
   sq_norms = jnp.diagonal(gram)
@@ -159,13 +166,6 @@ class GradVacState(NamedTuple):
   cosine: jax.Array  # [num_groups, T, T]: cosines of the original gradients, last step.
   corrected: jax.Array  # [num_groups, T, T] bool: pairs (i, j) corrected at the last step.
   weights: jax.Array  # [num_groups, T]: weight of each original gradient, last step.
-
-
-def _canonicalize_key(key: jax.Array | int) -> jax.Array:
-  # An int seed may arrive as a traced array (optax.inject_hyperparams).
-  if isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-    return key
-  return jax.random.key(key)
 
 
 def gradvac(
@@ -227,7 +227,8 @@ def gradvac(
       group; derive labels from paths, not shapes: the callable sees the
       parameters at ``init`` and the stacked gradients at ``update``). See
       :func:`group_names` for the order of the groups.
-    key: PRNG key or integer seed for the random visiting orders.
+    key: PRNG key (typed, or a raw ``jax.random.PRNGKey``) or integer seed for
+      the random visiting orders; the state keeps a typed key.
     shuffle: visit the other tasks in a random order drawn per (group, task)
       each step, as in the paper; ``False`` visits them in ascending order.
     reduction: ``"sum"`` (the paper) or ``"mean"`` of the corrected gradients.
@@ -258,38 +259,7 @@ def gradvac(
     Optimization in Massively Multilingual Models
     <https://arxiv.org/abs/2010.05874>`_, 2021
   """
-  _pipeline.check_num_tasks(num_tasks, "gradvac")
-  _pipeline.check_reduction(reduction, "gradvac")
-  if isinstance(beta, numbers.Real) and not 0 <= beta <= 1:
-    raise ValueError(f"gradvac: beta must be in [0, 1], got {beta}.")
-  if isinstance(eps, numbers.Real) and not eps > 0:
-    raise ValueError(f"gradvac: eps must be positive, got {eps}.")
-  scale = 1.0 if reduction == "sum" else 1.0 / num_tasks
-
-  def init(num_groups: int, num_tasks: int, dtype: jnp.dtype) -> GradVacState:
-    logged = _pipeline.gram_state(num_groups, num_tasks, dtype)
-    return GradVacState(
-      count=logged.count,
-      key=_canonicalize_key(key),
-      targets=jnp.zeros(logged.cosine.shape, dtype),
-      cosine=logged.cosine,
-      corrected=jnp.zeros(logged.cosine.shape, bool),
-      weights=logged.weights,
-    )
-
-  def weigh(gram: jax.Array, state: GradVacState) -> tuple[jax.Array, GradVacState]:
-    new_key, order_key = jax.random.split(state.key)
-    order = visiting_order(order_key, gram.shape[0], num_tasks, shuffle=shuffle)
-    surgery = jax.vmap(functools.partial(gradvac_coefficients, beta=beta, eps=eps))(
-      gram, state.targets, order
-    )
-    weights = scale * surgery.coefficients.sum(axis=1)  # [groups, T]: sum over the rows i
-    return weights, state._replace(
-      key=new_key, targets=surgery.targets, corrected=surgery.corrected
-    )
-
-  method = _pipeline.Method("gradvac", init, weigh, fallback=scale)
-  return _pipeline.gram_transformation(method, num_tasks, granularity)
+  return _surgery("gradvac", num_tasks, beta, granularity, key, shuffle, reduction, eps)
 
 
 def pcgrad(
@@ -315,7 +285,7 @@ def pcgrad(
     num_tasks: number of tasks ``T`` (a Python int).
     granularity: ``"model"`` (default, as in the paper), ``"layer"``,
       ``"tensor"`` or a callable; see :func:`gradvac`.
-    key: PRNG key or integer seed for the random visiting orders.
+    key: PRNG key (typed or raw) or integer seed for the random visiting orders.
     shuffle: random visiting order per (group, task) each step, as in the
       paper; ``False`` visits the others in ascending order.
     reduction: ``"sum"`` (the paper) or ``"mean"``.
@@ -338,12 +308,49 @@ def pcgrad(
     Yu et al, `Gradient Surgery for Multi-Task Learning
     <https://arxiv.org/abs/2001.06782>`_, 2020
   """
-  return gradvac(
-    num_tasks,
-    beta=0.0,
-    granularity=granularity,
-    key=key,
-    shuffle=shuffle,
-    reduction=reduction,
-    eps=eps,
-  )
+  return _surgery("pcgrad", num_tasks, 0.0, granularity, key, shuffle, reduction, eps)
+
+
+def _surgery(
+  name: str,
+  num_tasks: int,
+  beta: jax.typing.ArrayLike,
+  granularity: _pytree.Granularity,
+  key: jax.Array | int,
+  shuffle: bool,
+  reduction: str,
+  eps: jax.typing.ArrayLike,
+) -> optax.GradientTransformationExtraArgs:
+  """GradVac (PCGrad with ``beta=0``) under the public name ``name``."""
+  _checks.check_num_tasks(name, num_tasks)
+  _checks.check_reduction(name, reduction)
+  _checks.check_rate(name, "beta", beta)
+  _checks.check_positive(name, "eps", eps)
+  _checks.check_key(name, key)
+  _checks.check_flag(name, "shuffle", shuffle)
+  scale = 1.0 if reduction == "sum" else 1.0 / num_tasks
+
+  def init(num_groups: int, num_tasks: int, dtype: jnp.dtype) -> GradVacState:
+    logged = _pipeline.gram_state(num_groups, num_tasks, dtype)
+    return GradVacState(
+      count=logged.count,
+      key=_checks.canonicalize_key(name, key),
+      targets=jnp.zeros(logged.cosine.shape, dtype),
+      cosine=logged.cosine,
+      corrected=jnp.zeros(logged.cosine.shape, bool),
+      weights=logged.weights,
+    )
+
+  def weigh(gram: jax.Array, state: GradVacState) -> tuple[jax.Array, GradVacState]:
+    new_key, order_key = jax.random.split(state.key)
+    order = visiting_order(order_key, gram.shape[0], num_tasks, shuffle=shuffle)
+    surgery = jax.vmap(functools.partial(gradvac_coefficients, beta=beta, eps=eps))(
+      gram, state.targets, order
+    )
+    weights = scale * surgery.coefficients.sum(axis=1)  # [groups, T]: sum over the rows i
+    return weights, state._replace(
+      key=new_key, targets=surgery.targets, corrected=surgery.corrected
+    )
+
+  method = _pipeline.Method(name, init, weigh, fallback=scale)
+  return _pipeline.gram_transformation(method, num_tasks, granularity)

@@ -1,0 +1,25 @@
+"""Hypothesis profiles for the property tests (the tests marked ``@given``).
+
+``default``: what CI runs, 20 examples per property test, no deadline (the
+first example of each property compiles). ``deep``: a long, opt-in search
+with 50x as many examples, for before a release or after touching the
+algorithm. The deep search is one command (tens of minutes on 2 CPU cores):
+
+    HYPOTHESIS_PROFILE=deep python -m pytest tests -m hypothesis -p no:xdist
+
+``--hypothesis-profile=deep`` selects it too, and wins over the variable.
+"""
+
+import os
+
+from hypothesis import HealthCheck, settings
+
+settings.register_profile("default", max_examples=20, deadline=None)
+settings.register_profile(
+  "deep",
+  max_examples=1000,
+  deadline=None,
+  suppress_health_check=[HealthCheck.too_slow],
+  print_blob=True,
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
