@@ -212,7 +212,11 @@ def gradvac(
 
   .. warning::
     The input has a task axis that the output does not, so ``gradvac`` must
-    come first in a chain; every leaf's shape is checked. ``optax.MultiSteps``
+    come first in a chain. Every leaf is checked against ``[num_tasks,
+    *param.shape]``, which catches gradients without a task axis and a second
+    per-task transform after the first, but not an element-wise transform such
+    as ``adam`` placed before ``gradvac``: its moments would silently gain a
+    task axis. ``optax.MultiSteps``
     cannot wrap it unchanged (its accumulator is shaped like the parameters):
     use :func:`multi_steps` for gradient accumulation.
 
