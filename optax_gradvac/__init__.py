@@ -11,6 +11,8 @@ from optax_gradvac._methods.gradvac import gradvac as gradvac
 from optax_gradvac._methods.gradvac import gradvac_coefficients as gradvac_coefficients
 from optax_gradvac._methods.gradvac import pcgrad as pcgrad
 from optax_gradvac._methods.gradvac import visiting_order as visiting_order
+from optax_gradvac._methods.imtl_g import imtl_g as imtl_g
+from optax_gradvac._methods.imtl_g import imtl_g_weights as imtl_g_weights
 from optax_gradvac._pipeline import GramState as GramState
 from optax_gradvac._pytree import group_names as group_names
 from optax_gradvac._serialization import from_bytes as from_bytes
@@ -28,6 +30,8 @@ __all__ = (
   "gradvac",
   "gradvac_coefficients",
   "group_names",
+  "imtl_g",
+  "imtl_g_weights",
   "mean_tasks",
   "multi_steps",
   "pairwise_cosine",

@@ -19,6 +19,8 @@ TRANSFORMS = {
     ogv.gradvac, NUM_TASKS, 0.1, granularity="tensor", reduction="mean"
   ),
   "pcgrad": functools.partial(ogv.pcgrad, NUM_TASKS),
+  "imtl_g": functools.partial(ogv.imtl_g, NUM_TASKS),
+  "imtl_g-layer": functools.partial(ogv.imtl_g, NUM_TASKS, granularity="layer"),
   "sum_tasks": ogv.sum_tasks,
   "mean_tasks": ogv.mean_tasks,
 }
