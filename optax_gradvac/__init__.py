@@ -3,6 +3,8 @@
 from optax_gradvac._accumulation import multi_steps as multi_steps
 from optax_gradvac._gram import pairwise_cosine as pairwise_cosine
 from optax_gradvac._logging import similarity_summary as similarity_summary
+from optax_gradvac._methods.aligned_mtl import aligned_mtl as aligned_mtl
+from optax_gradvac._methods.aligned_mtl import aligned_mtl_weights as aligned_mtl_weights
 from optax_gradvac._methods.baselines import mean_tasks as mean_tasks
 from optax_gradvac._methods.baselines import sum_tasks as sum_tasks
 from optax_gradvac._methods.gradvac import GradVacState as GradVacState
@@ -26,6 +28,8 @@ __all__ = (
   "GradVacState",
   "GramState",
   "Surgery",
+  "aligned_mtl",
+  "aligned_mtl_weights",
   "from_bytes",
   "gradvac",
   "gradvac_coefficients",

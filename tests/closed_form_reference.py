@@ -8,6 +8,7 @@ whose gradient is zero are dropped before the method runs and get weight 0.
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -62,6 +63,32 @@ def _imtl_g_least_squares(grads: np.ndarray) -> np.ndarray:
 
 
 imtl_g_least_squares = with_absent_tasks(_imtl_g_least_squares)
+
+
+def aligned_mtl(grads: np.ndarray, task_weights: np.ndarray | None = None) -> np.ndarray:
+  """Senushkin et al. (2023), Algorithm 1, through the SVD of the gradient matrix.
+
+  The aligned gradients are the rows of ``sigma_R U_R V_R^T`` (``grads = U S V^T``
+  truncated to its rank R, ``sigma_R`` the smallest kept singular value): the
+  closest matrix with orthonormal-times-``sigma_R`` rows. The update is
+  ``w @ aligned``, and the weights ``alpha`` with ``alpha @ grads = w @ aligned``
+  are ``U_R diag(sigma_R / S_R) U_R^T w``. Singular values at most
+  ``sqrt(T * eps) * largest`` count as 0: eigenvalues of the Gram matrix at most
+  ``T * eps * largest``, the official code's rule.
+  """
+  grads = np.asarray(grads, np.float64)
+  num_tasks = len(grads)
+  present = np.any(grads != 0, axis=1)
+  task_weights = np.ones(num_tasks) if task_weights is None else np.asarray(task_weights)
+  weights = np.zeros(num_tasks)
+  if not present.any():
+    return weights
+  left, singular, _ = np.linalg.svd(grads[present], full_matrices=False)
+  kept = singular > np.sqrt(num_tasks * np.finfo(np.float64).eps) * singular[0]
+  left, singular = left[:, kept], singular[kept]
+  balance = left @ np.diag(singular[-1] / singular) @ left.T
+  weights[present] = balance @ task_weights[present]
+  return weights
 
 
 def group_weights(
@@ -133,3 +160,17 @@ def flatten(tree: dict) -> dict[str, np.ndarray]:
     jax.tree_util.keystr(path, simple=True, separator="/"): np.asarray(leaf)
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
   }
+
+
+def run(tx, grads: dict, dtype=jnp.float32, state=None):
+  """One jitted step on a flat ``{"a/b": [T, ...]}`` dict; returns flat updates and state."""
+  tree = nest({name: jnp.asarray(g, dtype) for name, g in grads.items()})
+  params = jax.tree.map(lambda g: jnp.zeros(g.shape[1:], g.dtype), tree)
+  state = tx.init(params) if state is None else state
+  updates, state = jax.jit(tx.update)(tree, state, params)
+  return flatten(updates), state
+
+
+def assert_updates_close(updates: dict, expected: dict, rtol: float, atol: float) -> None:
+  for name, value in expected.items():
+    np.testing.assert_allclose(np.asarray(updates[name], np.float64), value, rtol, atol)

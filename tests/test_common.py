@@ -21,6 +21,10 @@ TRANSFORMS = {
   "pcgrad": functools.partial(ogv.pcgrad, NUM_TASKS),
   "imtl_g": functools.partial(ogv.imtl_g, NUM_TASKS),
   "imtl_g-layer": functools.partial(ogv.imtl_g, NUM_TASKS, granularity="layer"),
+  "aligned_mtl": functools.partial(ogv.aligned_mtl, NUM_TASKS),
+  "aligned_mtl-tensor-weighted": functools.partial(
+    ogv.aligned_mtl, NUM_TASKS, [0.5, 1.0, 2.0], granularity="tensor"
+  ),
   "sum_tasks": ogv.sum_tasks,
   "mean_tasks": ogv.mean_tasks,
 }
