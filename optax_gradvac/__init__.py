@@ -15,6 +15,10 @@ from optax_gradvac._methods.gradvac import pcgrad as pcgrad
 from optax_gradvac._methods.gradvac import visiting_order as visiting_order
 from optax_gradvac._methods.imtl_g import imtl_g as imtl_g
 from optax_gradvac._methods.imtl_g import imtl_g_weights as imtl_g_weights
+from optax_gradvac._methods.nash_mtl import NashMTLSolution as NashMTLSolution
+from optax_gradvac._methods.nash_mtl import NashMTLState as NashMTLState
+from optax_gradvac._methods.nash_mtl import nash_mtl as nash_mtl
+from optax_gradvac._methods.nash_mtl import nash_mtl_weights as nash_mtl_weights
 from optax_gradvac._pipeline import GramState as GramState
 from optax_gradvac._pytree import group_names as group_names
 from optax_gradvac._serialization import from_bytes as from_bytes
@@ -27,6 +31,8 @@ __version__ = "0.1.0"
 __all__ = (
   "GradVacState",
   "GramState",
+  "NashMTLSolution",
+  "NashMTLState",
   "Surgery",
   "aligned_mtl",
   "aligned_mtl_weights",
@@ -38,6 +44,8 @@ __all__ = (
   "imtl_g_weights",
   "mean_tasks",
   "multi_steps",
+  "nash_mtl",
+  "nash_mtl_weights",
   "pairwise_cosine",
   "pcgrad",
   "segment_value_and_grad",

@@ -10,6 +10,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+import scipy.optimize
 
 
 def with_absent_tasks(method: Callable[[np.ndarray], np.ndarray]) -> Callable:
@@ -89,6 +90,36 @@ def aligned_mtl(grads: np.ndarray, task_weights: np.ndarray | None = None) -> np
   balance = left @ np.diag(singular[-1] / singular) @ left.T
   weights[present] = balance @ task_weights[present]
   return weights
+
+
+@with_absent_tasks
+def nash_mtl(grads: np.ndarray, max_weight: float | None = None) -> np.ndarray:
+  """Navon et al. (2022): the ``alpha > 0`` with ``G alpha = 1 / alpha`` (Theorem 3.1).
+
+  The minimiser of the convex ``alpha^T G alpha / 2 - sum(log alpha)``, plus
+  ``sum((alpha_t |g_t| / max_weight)^8) / 8`` when ``max_weight`` is given. Solved
+  in log variables ``alpha = exp(x)``: BFGS on the objective, then scipy's root
+  finder on its gradient ``alpha * (G alpha) - 1 (+ penalty)``, checked to 1e-10.
+  """
+  gram = grads @ grads.T
+  largest = gram.diagonal().max()
+  gram = gram / largest  # alpha scales by sqrt(largest)
+  norms = np.sqrt(gram.diagonal())
+
+  def objective(x: np.ndarray) -> tuple[float, np.ndarray]:
+    alpha = np.exp(x)
+    product = gram @ alpha
+    value, gradient = alpha @ product / 2 - x.sum(), alpha * product - 1
+    if max_weight is not None:
+      value += np.sum((alpha * norms / max_weight) ** 8) / 8
+      gradient += (alpha * norms / max_weight) ** 8
+    return value, gradient
+
+  start = scipy.optimize.minimize(objective, np.zeros(len(gram)), jac=True, method="BFGS").x
+  solution = scipy.optimize.root(lambda x: objective(x)[1], start, tol=1e-14)
+  residual = np.max(np.abs(objective(solution.x)[1]))
+  assert residual < 1e-10, f"the reference did not converge: residual {residual}"
+  return np.exp(solution.x) / np.sqrt(largest)
 
 
 def group_weights(

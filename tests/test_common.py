@@ -25,6 +25,8 @@ TRANSFORMS = {
   "aligned_mtl-tensor-weighted": functools.partial(
     ogv.aligned_mtl, NUM_TASKS, [0.5, 1.0, 2.0], granularity="tensor"
   ),
+  "nash_mtl": functools.partial(ogv.nash_mtl, NUM_TASKS),
+  "nash_mtl-layer": functools.partial(ogv.nash_mtl, NUM_TASKS, granularity="layer"),
   "sum_tasks": ogv.sum_tasks,
   "mean_tasks": ogv.mean_tasks,
 }
