@@ -3,6 +3,8 @@
 from optax_gradvac._accumulation import multi_steps as multi_steps
 from optax_gradvac._gram import pairwise_cosine as pairwise_cosine
 from optax_gradvac._logging import similarity_summary as similarity_summary
+from optax_gradvac._methods.aligned_mtl import aligned_mtl as aligned_mtl
+from optax_gradvac._methods.aligned_mtl import aligned_mtl_weights as aligned_mtl_weights
 from optax_gradvac._methods.baselines import mean_tasks as mean_tasks
 from optax_gradvac._methods.baselines import sum_tasks as sum_tasks
 from optax_gradvac._methods.gradvac import GradVacState as GradVacState
@@ -11,6 +13,12 @@ from optax_gradvac._methods.gradvac import gradvac as gradvac
 from optax_gradvac._methods.gradvac import gradvac_coefficients as gradvac_coefficients
 from optax_gradvac._methods.gradvac import pcgrad as pcgrad
 from optax_gradvac._methods.gradvac import visiting_order as visiting_order
+from optax_gradvac._methods.imtl_g import imtl_g as imtl_g
+from optax_gradvac._methods.imtl_g import imtl_g_weights as imtl_g_weights
+from optax_gradvac._methods.nash_mtl import NashMTLSolution as NashMTLSolution
+from optax_gradvac._methods.nash_mtl import NashMTLState as NashMTLState
+from optax_gradvac._methods.nash_mtl import nash_mtl as nash_mtl
+from optax_gradvac._methods.nash_mtl import nash_mtl_weights as nash_mtl_weights
 from optax_gradvac._pipeline import GramState as GramState
 from optax_gradvac._pytree import StackedLayers as StackedLayers
 from optax_gradvac._pytree import group_names as group_names
@@ -24,14 +32,22 @@ __version__ = "0.1.0"
 __all__ = (
   "GradVacState",
   "GramState",
+  "NashMTLSolution",
+  "NashMTLState",
   "StackedLayers",
   "Surgery",
+  "aligned_mtl",
+  "aligned_mtl_weights",
   "from_bytes",
   "gradvac",
   "gradvac_coefficients",
   "group_names",
+  "imtl_g",
+  "imtl_g_weights",
   "mean_tasks",
   "multi_steps",
+  "nash_mtl",
+  "nash_mtl_weights",
   "pairwise_cosine",
   "pcgrad",
   "segment_value_and_grad",

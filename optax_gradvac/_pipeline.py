@@ -88,6 +88,7 @@ def gram_transformation(
   unchanged; finite gradients whose squares overflow are rescaled by a power of
   two first, which changes no result.
   """
+  _checks.check_num_tasks(method.name, num_tasks)
   _pytree.check_granularity(granularity)
 
   def init_fn(params: optax.Params) -> State:

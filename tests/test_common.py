@@ -19,6 +19,14 @@ TRANSFORMS = {
     ogv.gradvac, NUM_TASKS, 0.1, granularity="tensor", reduction="mean"
   ),
   "pcgrad": functools.partial(ogv.pcgrad, NUM_TASKS),
+  "imtl_g": functools.partial(ogv.imtl_g, NUM_TASKS),
+  "imtl_g-layer": functools.partial(ogv.imtl_g, NUM_TASKS, granularity="layer"),
+  "aligned_mtl": functools.partial(ogv.aligned_mtl, NUM_TASKS),
+  "aligned_mtl-tensor-weighted": functools.partial(
+    ogv.aligned_mtl, NUM_TASKS, [0.5, 1.0, 2.0], granularity="tensor"
+  ),
+  "nash_mtl": functools.partial(ogv.nash_mtl, NUM_TASKS),
+  "nash_mtl-layer": functools.partial(ogv.nash_mtl, NUM_TASKS, granularity="layer"),
   "sum_tasks": ogv.sum_tasks,
   "mean_tasks": ogv.mean_tasks,
 }
