@@ -567,8 +567,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
     The content of ``results.json``.
   """
   experiment, args = parse_args(argv)
-  # Before any JAX computation: see the function for why (a quarter of the CPU time).
-  train_lib.retain_freed_memory()
   start = time.perf_counter()
   histories = run(experiment, progress=not args.no_progress)
   results = summarize(experiment, histories)

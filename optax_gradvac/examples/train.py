@@ -9,7 +9,6 @@ keeps in its state under the names ``targets``, ``cosine`` and ``corrected`` (as
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import time
 from typing import Any
@@ -138,38 +137,6 @@ def make_optimizer(
   return optax.chain(surgery, optax.adam(schedule))
 
 
-# mallopt parameters of glibc's <malloc.h>.
-_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
-
-
-def retain_freed_memory() -> bool:
-  """Makes glibc's ``malloc`` keep freed memory for reuse instead of handing it back to the OS.
-
-  XLA:CPU allocates the temporary buffers of each execution of a compiled function in one
-  block (282 MiB for a training step of the default model) and frees it when the execution
-  ends. glibc serves a block that large with a fresh ``mmap`` and returns it with ``munmap``,
-  so every step faulted in and zeroed 72,000 new pages: a quarter of a training run's CPU
-  time went to the kernel. This serves every thread from the main heap (``M_ARENA_MAX=1``),
-  never with ``mmap`` (``M_MMAP_MAX=0``), and stops trimming the heap (``M_TRIM_THRESHOLD``
-  at its maximum), so the next step reuses the same pages. The process keeps its peak
-  memory until it exits, which suits a training script.
-
-  Call it before the first JAX computation: threads that already have a ``malloc`` arena keep
-  it. The environment variables ``MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0
-  MALLOC_TRIM_THRESHOLD_=2147483647`` have the same effect on any program.
-
-  Returns:
-    Whether the settings were applied: False where the C library is not glibc.
-  """
-  try:
-    mallopt = ctypes.CDLL(None).mallopt
-  except (AttributeError, OSError):
-    return False
-  mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-  settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1))
-  return all([mallopt(param, value) == 1 for param, value in settings])
-
-
 def _group_mean(state: optax.OptState, name: str) -> jax.Array | None:
   """The ``[num_groups, T, T]`` field ``name`` of the surgery state, averaged over groups."""
   value = optax.tree.get(state, name)
@@ -185,12 +152,19 @@ def train(
   batches: np.ndarray | None = None,
   description: str | None = None,
   progress: bool = True,
+  steps_per_call: int = 25,
 ) -> History:
   """Trains the character model on all languages at once with ``surgery`` then Adam.
 
   Each step draws ``config.batch_words`` words per language, computes one loss and one
   gradient per language (``ogv.task_value_and_grad``), and hands the stacked gradients to
   ``surgery``.
+
+  Up to ``steps_per_call`` steps run in one call of a compiled ``lax.fori_loop``. On XLA:CPU
+  each call allocates the step's temporaries afresh (282 MiB for the default model), and glibc
+  hands a block that large back to the OS when it is freed: at one step per call, faulting
+  those pages in again was a quarter of the CPU time of a run. The results do not depend on
+  ``steps_per_call``: the loop runs the same step on the same data.
 
   Args:
     surgery: a transformation from stacked ``[T, ...]`` gradients to one update.
@@ -202,6 +176,8 @@ def train(
       methods on the same data order.
     description: the progress-bar label.
     progress: whether to show a progress bar.
+    steps_per_call: the most training steps per call of the compiled loop; calls also end
+      at each held-out evaluation.
 
   Returns:
     The recorded :class:`History`.
@@ -224,8 +200,8 @@ def train(
   heldout_tokens = jnp.asarray(data.heldout_tokens)
   tasks = jnp.arange(data.num_tasks)[:, None]
 
-  # The word arrays are arguments, not closed-over constants, so that they stay out of the
-  # compiled program.
+  # The word arrays and batches are arguments, not closed-over constants, so that they stay
+  # out of the compiled program.
   def step(params, opt_state, train_tokens, indices):
     losses, grads = task_value_and_grad(params, train_tokens[tasks, indices])
     updates, opt_state = optimizer.update(grads, opt_state, params)
@@ -236,7 +212,20 @@ def train(
         stats[name] = value
     return optax.apply_updates(params, updates), opt_state, stats
 
-  step = jax.jit(step, donate_argnums=(0, 1))
+  def run_steps(params, opt_state, train_tokens, batches, first, num_steps):
+    """Steps ``first`` to ``first + num_steps - 1`` (``num_steps <= steps_per_call``)."""
+    shapes = jax.eval_shape(step, params, opt_state, train_tokens, batches[0])[2]
+    stats = jax.tree.map(lambda s: jnp.zeros((steps_per_call, *s.shape), s.dtype), shapes)
+
+    def body(i, carry):
+      params, opt_state, stats = carry
+      params, opt_state, step_stats = step(params, opt_state, train_tokens, batches[first + i])
+      stats = jax.tree.map(lambda all_steps, one: all_steps.at[i].set(one), stats, step_stats)
+      return params, opt_state, stats
+
+    return jax.lax.fori_loop(0, num_steps, body, (params, opt_state, stats))
+
+  run_steps = jax.jit(run_steps, donate_argnums=(0, 1))
 
   # One language at a time: all of them at once needed 1.3 GiB of XLA temporaries for the
   # default model (86 MiB this way), at the same speed.
@@ -248,18 +237,25 @@ def train(
 
   evaluate = jax.jit(evaluate)
 
+  device_batches = jnp.asarray(batches)
   stats, eval_steps, heldout_bpc = [], [], []
-  bar = tqdm(range(1, config.steps + 1), desc=description, disable=not progress, leave=True)
-  for i in bar:
-    params, opt_state, step_stats = step(params, opt_state, train_tokens, batches[i - 1])
-    # Waiting for each step keeps the progress bar's rate true; the host has nothing else to
-    # do meanwhile.
-    stats.append(jax.block_until_ready(step_stats))
-    if i % config.eval_every == 0 or i == config.steps:
-      eval_steps.append(i)
+  bar = tqdm(total=config.steps, desc=description, disable=not progress, leave=True)
+  done = 0
+  while done < config.steps:
+    next_eval = min((done // config.eval_every + 1) * config.eval_every, config.steps)
+    num_steps = min(steps_per_call, next_eval - done)
+    params, opt_state, call_stats = run_steps(
+      params, opt_state, train_tokens, device_batches, done, num_steps
+    )
+    stats.append({name: value[:num_steps] for name, value in jax.device_get(call_stats).items()})
+    done += num_steps
+    bar.update(num_steps)
+    if done == next_eval:
+      eval_steps.append(done)
       heldout_bpc.append(np.asarray(evaluate(params, heldout_tokens)))
       bar.set_postfix(heldout_bpc=f"{heldout_bpc[-1].mean():.3f}")
-  stats = jax.tree.map(lambda *values: np.stack(values), *stats)
+  bar.close()
+  stats = jax.tree.map(lambda *values: np.concatenate(values), *stats)
 
   num_tasks = data.num_tasks
   off_diagonal = num_tasks * (num_tasks - 1)
