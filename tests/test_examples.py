@@ -11,8 +11,11 @@ pytest.importorskip("matplotlib")
 pytest.importorskip("scipy")
 pytest.importorskip("tqdm")
 
+import optax_gradvac as ogv
 from optax_gradvac.examples import analysis, multilingual
 from optax_gradvac.examples import data as data_lib
+from optax_gradvac.examples import model as model_lib
+from optax_gradvac.examples import train as train_lib
 
 
 def _finite_numbers(tree):
@@ -92,6 +95,34 @@ def test_data_is_deterministic_and_heldout_words_are_unseen():
   # A language's words do not depend on the other languages loaded.
   alone = data_lib.make_data(["es"], low_resource=[], heldout_words=60, pool_size=1500, seed=0)
   assert alone.heldout_words[0] == first.heldout_words[0]
+
+
+def test_training_in_chunks_matches_training_step_by_step():
+  data = _small_data(0)
+  config = train_lib.TrainConfig(
+    steps=7, batch_words=4, warmup_steps=2, d_model=16, num_layers=1, num_heads=2, eval_every=3
+  )
+  batches = data_lib.sample_batches(data, config.steps, config.batch_words, seed=0)
+
+  def run(steps_per_call):
+    surgery = ogv.gradvac(data.num_tasks, 0.1, key=0)
+    return train_lib.train(
+      surgery, data, config, batches=batches, progress=False, steps_per_call=steps_per_call
+    )
+
+  one, two, many = run(1), run(2), run(25)  # calls of 2 steps straddle the evaluations
+  model = model_lib.CharTransformer(len(data.symbols), data.seq_len, 16, 1, 2)
+  first_batch = data.train_tokens[np.arange(2)[:, None], batches[0]]
+  first_losses = [
+    model_lib.make_loss(model)(model_lib.init_params(model, data.seq_len, 0), tokens)
+    for tokens in first_batch
+  ]
+  np.testing.assert_allclose(one.train_loss[0], first_losses, rtol=1e-5)
+  for other in (two, many):
+    np.testing.assert_array_equal(other.eval_steps, [3, 6, 7])
+    for field in ("train_loss", "heldout_bpc", "targets", "cosine", "corrected_fraction"):
+      np.testing.assert_allclose(getattr(other, field), getattr(one, field), rtol=1e-5, atol=1e-6)
+  assert one.train_loss.shape == (7, 2) and one.heldout_bpc.shape == (3, 2)
 
 
 def test_encoding_starts_with_the_language_tag_and_ends_the_word():
