@@ -32,8 +32,8 @@ class NashMTLSolution(NamedTuple):
   """Result of :func:`nash_mtl_weights` for one parameter group."""
 
   weights: jax.Array  # [T]: alpha > 0 with G alpha = 1 / alpha (0 for zero gradients).
-  iterate: jax.Array  # [T]: beta = alpha * |g|, the weights of the unit gradients.
-  residual: jax.Array  # shape=(): largest gradient entry, max_t |beta_t (C beta)_t - 1| + penalty.
+  iterate: jax.Array  # [T]: beta = alpha * norm(g), the weights of the unit gradients.
+  residual: jax.Array  # shape=(): max_t abs(beta_t (C beta)_t - 1) + penalty gradient.
   iterations: jax.Array  # shape=(), dtype=int32: Newton steps taken.
 
 
@@ -170,7 +170,7 @@ class NashMTLState(NamedTuple):
   """State of :func:`nash_mtl`."""
 
   count: jax.Array  # shape=(), dtype=jnp.int32: steps taken (non-finite ones skipped).
-  iterate: jax.Array  # [num_groups, T]: last beta = alpha * |g| (the warm start).
+  iterate: jax.Array  # [num_groups, T]: last beta = alpha * norm(g) (the warm start).
   cosine: jax.Array  # [num_groups, T, T]: cosines of the original gradients, last step.
   weights: jax.Array  # [num_groups, T]: the task weights alpha of the last step.
 
