@@ -11,6 +11,8 @@ from optax_gradvac._methods.gradvac import gradvac as gradvac
 from optax_gradvac._methods.gradvac import gradvac_coefficients as gradvac_coefficients
 from optax_gradvac._methods.gradvac import pcgrad as pcgrad
 from optax_gradvac._methods.gradvac import visiting_order as visiting_order
+from optax_gradvac._methods.mgda import mgda as mgda
+from optax_gradvac._methods.mgda import mgda_weights as mgda_weights
 from optax_gradvac._pipeline import GramState as GramState
 from optax_gradvac._pytree import group_names as group_names
 from optax_gradvac._serialization import from_bytes as from_bytes
@@ -29,6 +31,8 @@ __all__ = (
   "gradvac_coefficients",
   "group_names",
   "mean_tasks",
+  "mgda",
+  "mgda_weights",
   "multi_steps",
   "pairwise_cosine",
   "pcgrad",

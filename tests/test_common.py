@@ -19,6 +19,8 @@ TRANSFORMS = {
     ogv.gradvac, NUM_TASKS, 0.1, granularity="tensor", reduction="mean"
   ),
   "pcgrad": functools.partial(ogv.pcgrad, NUM_TASKS),
+  "mgda": functools.partial(ogv.mgda, NUM_TASKS),
+  "mgda-layer": functools.partial(ogv.mgda, NUM_TASKS, granularity="layer"),
   "sum_tasks": ogv.sum_tasks,
   "mean_tasks": ogv.mean_tasks,
 }
