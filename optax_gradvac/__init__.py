@@ -13,6 +13,8 @@ from optax_gradvac._methods.gradvac import pcgrad as pcgrad
 from optax_gradvac._methods.gradvac import visiting_order as visiting_order
 from optax_gradvac._methods.mgda import mgda as mgda
 from optax_gradvac._methods.mgda import mgda_weights as mgda_weights
+from optax_gradvac._methods.upgrad import upgrad as upgrad
+from optax_gradvac._methods.upgrad import upgrad_weights as upgrad_weights
 from optax_gradvac._pipeline import GramState as GramState
 from optax_gradvac._pytree import group_names as group_names
 from optax_gradvac._serialization import from_bytes as from_bytes
@@ -41,5 +43,7 @@ __all__ = (
   "sum_tasks",
   "task_value_and_grad",
   "to_bytes",
+  "upgrad",
+  "upgrad_weights",
   "visiting_order",
 )

@@ -21,6 +21,7 @@ TRANSFORMS = {
   "pcgrad": functools.partial(ogv.pcgrad, NUM_TASKS),
   "mgda": functools.partial(ogv.mgda, NUM_TASKS),
   "mgda-layer": functools.partial(ogv.mgda, NUM_TASKS, granularity="layer"),
+  "upgrad": functools.partial(ogv.upgrad, NUM_TASKS),
   "sum_tasks": ogv.sum_tasks,
   "mean_tasks": ogv.mean_tasks,
 }

@@ -26,6 +26,7 @@ class Case:
 
 CASES = {
   "mgda": Case(ogv.mgda, reference.mgda),
+  "upgrad": Case(ogv.upgrad, reference.upgrad),
 }
 parametrize_cases = pytest.mark.parametrize("case", CASES.values(), ids=CASES)
 
