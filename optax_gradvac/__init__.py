@@ -15,10 +15,14 @@ from optax_gradvac._methods.gradvac import pcgrad as pcgrad
 from optax_gradvac._methods.gradvac import visiting_order as visiting_order
 from optax_gradvac._methods.imtl_g import imtl_g as imtl_g
 from optax_gradvac._methods.imtl_g import imtl_g_weights as imtl_g_weights
+from optax_gradvac._methods.mgda import mgda as mgda
+from optax_gradvac._methods.mgda import mgda_weights as mgda_weights
 from optax_gradvac._methods.nash_mtl import NashMTLSolution as NashMTLSolution
 from optax_gradvac._methods.nash_mtl import NashMTLState as NashMTLState
 from optax_gradvac._methods.nash_mtl import nash_mtl as nash_mtl
 from optax_gradvac._methods.nash_mtl import nash_mtl_weights as nash_mtl_weights
+from optax_gradvac._methods.upgrad import upgrad as upgrad
+from optax_gradvac._methods.upgrad import upgrad_weights as upgrad_weights
 from optax_gradvac._pipeline import GramState as GramState
 from optax_gradvac._pytree import StackedLayers as StackedLayers
 from optax_gradvac._pytree import group_names as group_names
@@ -45,6 +49,8 @@ __all__ = (
   "imtl_g",
   "imtl_g_weights",
   "mean_tasks",
+  "mgda",
+  "mgda_weights",
   "multi_steps",
   "nash_mtl",
   "nash_mtl_weights",
@@ -55,5 +61,7 @@ __all__ = (
   "sum_tasks",
   "task_value_and_grad",
   "to_bytes",
+  "upgrad",
+  "upgrad_weights",
   "visiting_order",
 )

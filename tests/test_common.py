@@ -27,6 +27,9 @@ TRANSFORMS = {
   ),
   "nash_mtl": functools.partial(ogv.nash_mtl, NUM_TASKS),
   "nash_mtl-layer": functools.partial(ogv.nash_mtl, NUM_TASKS, granularity="layer"),
+  "mgda": functools.partial(ogv.mgda, NUM_TASKS),
+  "mgda-layer": functools.partial(ogv.mgda, NUM_TASKS, granularity="layer"),
+  "upgrad": functools.partial(ogv.upgrad, NUM_TASKS),
   "sum_tasks": ogv.sum_tasks,
   "mean_tasks": ogv.mean_tasks,
 }

@@ -1,0 +1,115 @@
+"""Float64 references for the methods whose weights solve a convex program.
+
+Written from the papers on the task gradients themselves (``[T, P]`` numpy
+arrays, no Gram-matrix reformulation, nothing shared with the library), with
+scipy's solvers or an exhaustive search over supports.
+"""
+
+import itertools
+
+import numpy as np
+import scipy.optimize
+
+
+def present_tasks(grads: np.ndarray) -> np.ndarray:
+  """Indices of the tasks whose gradient is not exactly zero."""
+  return np.flatnonzero(np.any(grads != 0, axis=1))
+
+
+def min_norm_weights(grads: np.ndarray) -> np.ndarray:
+  """argmin over the simplex of |sum_t w_t g_t|^2, by trying every support.
+
+  For each support S, the minimiser over the affine hull of {g_t : t in S}
+  solves the KKT system [[G_SS, 1], [1^T, 0]] [w; -nu] = [0; 1] (least squares
+  where it is singular); the best feasible one over all supports is the
+  optimum. Exhaustive: for T <= 8 or so.
+  """
+  grads = np.asarray(grads, np.float64)
+  gram = grads @ grads.T
+  num_tasks = len(grads)
+  best, best_value = None, np.inf
+  for size in range(1, num_tasks + 1):
+    for support in map(list, itertools.combinations(range(num_tasks), size)):
+      kkt = np.zeros((size + 1, size + 1))
+      kkt[:size, :size] = gram[np.ix_(support, support)]
+      kkt[:size, size] = kkt[size, :size] = 1
+      solution = np.linalg.lstsq(kkt, np.r_[np.zeros(size), 1.0], rcond=None)[0]
+      weights = np.zeros(num_tasks)
+      weights[support] = solution[:size]
+      if weights.min() < -1e-12 or abs(weights.sum() - 1) > 1e-9:
+        continue
+      value = weights @ gram @ weights
+      if value < best_value - 1e-15 * max(1.0, gram.max()):
+        best, best_value = np.clip(weights, 0, None), value
+  return best / best.sum()
+
+
+def mgda(grads: np.ndarray) -> np.ndarray:
+  """MGDA's update: the min-norm point of the hull of the present tasks' gradients."""
+  grads = np.asarray(grads, np.float64)
+  present = present_tasks(grads)
+  if not len(present):
+    return np.zeros(grads.shape[1])
+  return min_norm_weights(grads[present]) @ grads[present]
+
+
+def dual_cone_projection(grads: np.ndarray, vector: np.ndarray) -> np.ndarray:
+  """The projection of ``vector`` onto {x : <g_t, x> >= 0 for every t}.
+
+  By Moreau's decomposition it is ``vector + J^T lam`` with ``lam >= 0``
+  minimising ``|vector + J^T lam|`` (Lawson-Hanson NNLS on ``J^T`` itself).
+  """
+  lam, _ = scipy.optimize.nnls(grads.T, -vector, maxiter=100 * len(grads))
+  return vector + grads.T @ lam
+
+
+def upgrad(grads: np.ndarray) -> np.ndarray:
+  """UPGrad's update: the mean of every present gradient projected onto the dual cone."""
+  grads = np.asarray(grads, np.float64)
+  present = present_tasks(grads)
+  if not len(present):
+    return np.zeros(grads.shape[1])
+  rows = grads[present]
+  return np.mean([dual_cone_projection(rows, row) for row in rows], axis=0)
+
+
+def cagrad(grads: np.ndarray, c: float, rescale: bool = True) -> np.ndarray:
+  """CAGrad's update from its primal: max_d min_i <g_i, d> s.t. |d - g0| <= c |g0|.
+
+  Solved by SLSQP over (d, t): maximise t subject to <g_i, d> >= t and the
+  ball, in the gradients' own space; ``rescale`` divides by 1 + c^2 as the
+  official code does.
+  """
+  grads = np.asarray(grads, np.float64)
+  present = present_tasks(grads)
+  if not len(present):
+    return np.zeros(grads.shape[1])
+  rows = grads[present]
+  mean = rows.mean(axis=0)
+  radius = c * np.linalg.norm(mean)
+  scale = np.abs(rows).max()
+  rows, mean, radius = rows / scale, mean / scale, radius / scale
+  start = np.r_[mean, (rows @ mean).min()]
+  constraints = [
+    {
+      "type": "ineq",
+      "fun": lambda z: rows @ z[:-1] - z[-1],
+      "jac": lambda z: np.c_[rows, -np.ones(len(rows))],
+    },
+    {
+      "type": "ineq",
+      "fun": lambda z: radius**2 - np.sum((z[:-1] - mean) ** 2),
+      "jac": lambda z: np.r_[-2 * (z[:-1] - mean), 0.0][None],
+    },
+  ]
+  result = scipy.optimize.minimize(
+    lambda z: -z[-1],
+    start,
+    jac=lambda z: np.r_[np.zeros(len(mean)), -1.0],
+    constraints=constraints,
+    method="SLSQP",
+    options={"ftol": 1e-15, "maxiter": 1000},
+  )
+  assert result.success, result.message
+  update = result.x[:-1] * scale
+  return update / (1 + c**2) if rescale else update

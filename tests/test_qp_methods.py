@@ -1,0 +1,292 @@
+"""MGDA, UPGrad and CAGrad against their float64 references, and their special inputs.
+
+Each method's update of a parameter group is compared with the reference
+written from its paper (``qp_reference``) on that group's flattened gradients.
+"""
+
+import dataclasses
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import qp_reference as reference
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import optax_gradvac as ogv
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+  make: Callable[..., object]  # (num_tasks, granularity=...) -> transformation
+  reference: Callable[[np.ndarray], np.ndarray]  # [T, P] gradients -> [P] update
+
+
+CASES = {
+  "mgda": Case(ogv.mgda, reference.mgda),
+  "upgrad": Case(ogv.upgrad, reference.upgrad),
+}
+parametrize_cases = pytest.mark.parametrize("case", CASES.values(), ids=CASES)
+
+SHAPES = {"dense_0": {"kernel": (6, 5), "bias": (5,)}, "dense_1": {"kernel": (5, 3), "bias": (3,)}}
+GROUPS = {
+  "model": [["dense_0/bias", "dense_0/kernel", "dense_1/bias", "dense_1/kernel"]],
+  "layer": [["dense_0/bias", "dense_0/kernel"], ["dense_1/bias", "dense_1/kernel"]],
+  "tensor": [["dense_0/bias"], ["dense_0/kernel"], ["dense_1/bias"], ["dense_1/kernel"]],
+}
+
+
+def random_grads(seed: int, num_tasks: int, dtype=np.float64) -> dict:
+  """A shared direction per leaf that some tasks follow and others oppose, norms apart."""
+  rng = np.random.default_rng(seed)
+  mix = rng.uniform(-1.5, 1.5, num_tasks)
+  scale = rng.uniform(0.3, 3, num_tasks)
+  grads = {}
+  for layer, leaves in SHAPES.items():
+    grads[layer] = {}
+    for name, shape in leaves.items():
+      axes = (-1, *[1] * len(shape))
+      noise = rng.normal(size=(num_tasks, *shape))
+      leaf = mix.reshape(axes) * rng.normal(size=shape) + scale.reshape(axes) * noise
+      grads[layer][name] = leaf.astype(dtype)
+  return grads
+
+
+def flat(tree: dict) -> dict[str, np.ndarray]:
+  return {
+    jax.tree_util.keystr(path, simple=True, separator="/"): np.asarray(leaf, np.float64)
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+  }
+
+
+def reference_updates(case: Case, grads: dict, granularity: str) -> dict[str, np.ndarray]:
+  """The reference applied to each group's concatenated gradients, split back per leaf."""
+  leaves = flat(grads)
+  num_tasks = next(iter(leaves.values())).shape[0]
+  expected = {}
+  for group in GROUPS[granularity]:
+    matrix = np.concatenate([leaves[name].reshape(num_tasks, -1) for name in group], axis=1)
+    update = case.reference(matrix)
+    sizes = np.cumsum([leaves[name][0].size for name in group])[:-1]
+    for name, part in zip(group, np.split(update, sizes), strict=True):
+      expected[name] = part.reshape(leaves[name].shape[1:])
+  return expected
+
+
+def largest_norm(grads: dict, granularity: str) -> float:
+  """The largest task-gradient norm over the groups: the scale of the errors."""
+  leaves = flat(grads)
+  norms = [
+    np.sqrt(sum(np.sum(leaves[name] ** 2, axis=tuple(range(1, leaves[name].ndim))) for name in g))
+    for g in GROUPS[granularity]
+  ]
+  return float(np.max(norms))
+
+
+def assert_updates_close(updates, expected, scale: float, tolerance: float, msg: str = ""):
+  for name, value in flat(updates).items():
+    error = np.abs(value - expected[name]).max() / scale
+    assert error < tolerance, f"{msg} {name}: error {error:.2e} relative to the largest gradient"
+
+
+def params_like(grads: dict) -> dict:
+  return jax.tree.map(lambda g: jnp.zeros(g.shape[1:], g.dtype), grads)
+
+
+@parametrize_cases
+@pytest.mark.parametrize("granularity", ["model", "layer", "tensor"])
+@pytest.mark.parametrize("num_tasks", [2, 5, 8])
+def test_matches_reference_in_float64(case, granularity, num_tasks):
+  with jax.enable_x64(True):
+    tx = case.make(num_tasks, granularity=granularity)
+    state = tx.init(params_like(random_grads(0, num_tasks)))
+    update = jax.jit(tx.update)
+    for step in range(3):
+      grads = random_grads(step, num_tasks)
+      if step == 1:  # task 0 absent from dense_1 at this step
+        grads["dense_1"] = jax.tree.map(
+          lambda g: g * (np.arange(num_tasks) > 0).reshape(-1, *[1] * (g.ndim - 1)),
+          grads["dense_1"],
+        )
+      updates, state = update(grads, state)
+      expected = reference_updates(case, grads, granularity)
+      # The bias groups of "tensor" have fewer dimensions than tasks: degenerate
+      # problems that the solver finishes by projected gradient (see its docs).
+      tolerance = 1e-5 if granularity == "tensor" else 1e-9
+      assert_updates_close(updates, expected, largest_norm(grads, granularity), tolerance)
+      assert state.weights.dtype == jnp.float64 and int(state.count) == step + 1
+
+
+@parametrize_cases
+@pytest.mark.parametrize("granularity", ["model", "layer"])
+def test_matches_reference_in_float32(case, granularity):
+  num_tasks = 6
+  tx = case.make(num_tasks, granularity=granularity)
+  state = tx.init(params_like(random_grads(0, num_tasks, np.float32)))
+  for step in range(3):
+    grads = random_grads(step, num_tasks, np.float32)
+    updates, state = jax.jit(tx.update)(grads, state)
+    expected = reference_updates(case, grads, granularity)
+    assert_updates_close(updates, expected, largest_norm(grads, granularity), 2e-5)
+
+
+@parametrize_cases
+@settings(max_examples=6, deadline=None)
+@given(
+  num_tasks=st.integers(1, 8),
+  shapes=st.lists(st.lists(st.integers(1, 4), max_size=3).map(tuple), min_size=1, max_size=3),
+  seed=st.integers(0, 2**16),
+)
+def test_matches_reference_for_random_trees(case, num_tasks, shapes, seed):
+  rng = np.random.default_rng(seed)
+  shapes = [*shapes, (12,)]  # at least as many dimensions as tasks in the one group
+  names = [f"leaf_{k}" for k in range(len(shapes))]
+  with jax.enable_x64(True):
+    grads = {
+      name: rng.normal(size=(num_tasks, *shape))
+      * rng.uniform(0.1, 10, (num_tasks,) + (1,) * len(shape))
+      for name, shape in zip(names, shapes, strict=True)
+    }
+    tx = case.make(num_tasks)
+    updates, _ = jax.jit(tx.update)(grads, tx.init(params_like(grads)))
+    matrix = np.concatenate([grads[name].reshape(num_tasks, -1) for name in names], axis=1)
+    expected = case.reference(matrix)
+    actual = np.concatenate([np.asarray(updates[name]).ravel() for name in names])
+    error = np.abs(actual - expected).max() / np.linalg.norm(matrix, axis=1).max()
+    assert error < 1e-8
+
+
+@parametrize_cases
+def test_one_task_identical_tasks_and_opposite_tasks(case):
+  rng = np.random.default_rng(0)
+  g = rng.normal(size=(1, 7))
+  for matrix in [g, np.repeat(g, 3, axis=0), np.concatenate([g, -g, 2 * g, -0.5 * g])]:
+    num_tasks = len(matrix)
+    tx = case.make(num_tasks)
+    grads = {"w": jnp.asarray(matrix, jnp.float32)}
+    updates, _ = jax.jit(tx.update)(grads, tx.init({"w": jnp.zeros(7)}))
+    expected = case.reference(matrix)
+    np.testing.assert_allclose(updates["w"], expected, rtol=1e-5, atol=1e-6 * np.abs(g).max())
+  # Opposite tasks: no direction improves both, the update is 0.
+  assert np.abs(case.reference(np.concatenate([g, -g]))).max() < 1e-12
+
+
+@parametrize_cases
+def test_absent_task_is_left_out_of_its_group(case):
+  num_tasks = 5
+  grads = random_grads(3, num_tasks, np.float32)
+  grads["dense_1"] = jax.tree.map(
+    lambda g: g.at[2].set(0), jax.tree.map(jnp.asarray, grads["dense_1"])
+  )
+  tx = case.make(num_tasks, granularity="layer")
+  updates, state = jax.jit(tx.update)(grads, tx.init(params_like(grads)))
+  others = [0, 1, 3, 4]
+  four = case.make(4, granularity="layer")
+  without = jax.tree.map(lambda g: jnp.asarray(g)[jnp.array(others)], grads)
+  expected, four_state = jax.jit(four.update)(without, four.init(params_like(grads)))
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+    updates["dense_1"],
+    expected["dense_1"],
+  )
+  assert state.weights[1, 2] == 0
+  np.testing.assert_allclose(state.weights[1, np.array(others)], four_state.weights[1], atol=1e-5)
+  assert state.weights[0, 2] != 0  # present in dense_0
+
+
+@parametrize_cases
+def test_group_without_any_task_gives_zero_and_a_finite_state(case):
+  grads = random_grads(4, 3, np.float32)
+  grads["dense_0"] = jax.tree.map(np.zeros_like, grads["dense_0"])
+  tx = case.make(3, granularity="layer")
+  updates, state = jax.jit(tx.update)(grads, tx.init(params_like(grads)))
+  for leaf in jax.tree.leaves(updates["dense_0"]):
+    np.testing.assert_array_equal(leaf, 0)
+  assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(state))
+  assert np.abs(np.asarray(updates["dense_1"]["kernel"])).max() > 0
+
+
+@parametrize_cases
+@pytest.mark.parametrize("scale", [1e-6, 1e-3, 1e3, 1e6])
+def test_scaling_all_gradients_scales_the_update(case, scale):
+  tx = case.make(5, granularity="layer")
+  grads = random_grads(5, 5, np.float32)
+  params = params_like(grads)
+  updates, state = jax.jit(tx.update)(grads, tx.init(params))
+  scaled_grads = jax.tree.map(lambda g: g * np.float32(scale), grads)
+  scaled, scaled_state = jax.jit(tx.update)(scaled_grads, tx.init(params))
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(b / scale, a, rtol=1e-4, atol=1e-5 * np.abs(a).max()),
+    updates,
+    scaled,
+  )
+  np.testing.assert_allclose(scaled_state.weights, state.weights, rtol=1e-4, atol=1e-6)
+
+
+@parametrize_cases
+def test_bfloat16_gradients_use_float32_math(case):
+  grads = jax.tree.map(lambda g: jnp.asarray(g, jnp.bfloat16), random_grads(6, 4, np.float32))
+  tx = case.make(4, granularity="layer")
+  updates, state = jax.jit(tx.update)(grads, tx.init(params_like(grads)))
+  assert state.weights.dtype == jnp.float32
+  as_float32 = jax.tree.map(lambda g: g.astype(jnp.float32), grads)
+  expected = reference_updates(case, as_float32, "layer")
+  for name, value in flat(updates).items():
+    assert jax.tree.leaves(updates)[0].dtype == jnp.bfloat16
+    np.testing.assert_allclose(
+      value, expected[name], rtol=2e-2, atol=2e-2 * np.abs(expected[name]).max()
+    )
+
+
+@parametrize_cases
+@pytest.mark.parametrize("bad", [jnp.nan, jnp.inf])
+def test_non_finite_gradients_give_the_plain_sum_and_keep_the_state(case, bad):
+  grads = random_grads(7, 4, np.float32)
+  tx = case.make(4, granularity="layer")
+  update = jax.jit(tx.update)
+  _, state = update(random_grads(8, 4, np.float32), tx.init(params_like(grads)))
+  grads["dense_0"]["kernel"][1, 2, 3] = bad
+  updates, new_state = update(grads, state)
+  jax.tree.map(
+    lambda u, g: np.testing.assert_allclose(u, g.sum(0), rtol=1e-6, atol=1e-6), updates, grads
+  )
+  jax.tree.map(np.testing.assert_array_equal, new_state, state)
+
+
+@parametrize_cases
+def test_weights_in_the_state_reproduce_the_update(case):
+  grads = random_grads(9, 5, np.float32)
+  tx = case.make(5, granularity="layer")
+  updates, state = jax.jit(tx.update)(grads, tx.init(params_like(grads)))
+  for group, layer in enumerate(["dense_0", "dense_1"]):
+    for name, grad in grads[layer].items():
+      expected = np.einsum("t,t...->...", np.asarray(state.weights[group]), grad)
+      np.testing.assert_allclose(updates[layer][name], expected, rtol=1e-5, atol=1e-6)
+
+
+@parametrize_cases
+def test_bad_arguments_are_rejected(case):
+  with pytest.raises(ValueError, match="num_tasks must be at least 1"):
+    case.make(0)
+  with pytest.raises(TypeError, match="num_tasks must be a Python int"):
+    case.make(2.0)
+  with pytest.raises(ValueError, match="Unknown granularity"):
+    case.make(2, granularity="block")
+
+
+@parametrize_cases
+def test_many_groups_compile_once_and_agree_with_one_group_at_a_time(case):
+  """Groups are vmapped: 12 tensor groups in one call equal 12 separate calls."""
+  leaves = {
+    f"layer_{k}": random_grads(10 + k, 4, np.float32)["dense_1"]["kernel"] for k in range(12)
+  }
+  tx = case.make(4, granularity="tensor")
+  updates, _ = jax.jit(tx.update)(leaves, tx.init(params_like(leaves)))
+  single = case.make(4)
+  single_update = jax.jit(single.update)
+  state = single.init({"w": jnp.zeros((5, 3))})
+  for name, leaf in leaves.items():
+    alone, _ = single_update({"w": leaf}, state)
+    np.testing.assert_allclose(updates[name], alone["w"], rtol=1e-5, atol=1e-6)
