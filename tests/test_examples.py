@@ -159,6 +159,10 @@ def test_unknown_choices_are_clear_errors(argv, message, capsys):
 def test_methods_and_seeds():
   names = [method.name for method in multilingual.resolve_methods(["sum", "gradvac"], "both")]
   assert names == ["sum", "gradvac-layer", "gradvac-model"]
+  others = multilingual.resolve_methods(multilingual.GRAM_METHODS, "layer")
+  assert [(m.name, m.kind, m.granularity) for m in others] == [
+    (name, name, "model") for name in multilingual.GRAM_METHODS
+  ]
   assert multilingual.parse_seeds("3", base=10) == (10, 11, 12)
   assert multilingual.parse_seeds("0,7", base=10) == (0, 7)
 
@@ -195,3 +199,17 @@ def test_family_permutation_test_against_the_exact_count():
   assert p_value == pytest.approx(2 / 70, abs=0.004)
   # Families less similar inside than across: nothing to detect.
   assert analysis.family_permutation_test(-related, families, num_permutations=2_000) > 0.9
+
+
+@pytest.mark.parametrize("name", multilingual.GRAM_METHODS)
+def test_the_other_methods_run_as_their_transforms(name):
+  """--methods NAME trains with ogv.NAME on the whole model."""
+  rng = np.random.default_rng(0)
+  params = {"dense": {"kernel": np.zeros((3, 2), np.float32)}}
+  grads = {"dense": {"kernel": rng.normal(size=(4, 3, 2)).astype(np.float32)}}
+  (method,) = multilingual.resolve_methods([name])
+  surgery = multilingual.make_surgery(method, 4, beta=0.1, seed=0)
+  expected = getattr(ogv, name)(4)
+  updates, _ = surgery.update(grads, surgery.init(params), params)
+  reference, _ = expected.update(grads, expected.init(params), params)
+  np.testing.assert_allclose(updates["dense"]["kernel"], reference["dense"]["kernel"], rtol=1e-6)

@@ -27,7 +27,9 @@ from optax_gradvac.examples import analysis
 from optax_gradvac.examples import data as data_lib
 from optax_gradvac.examples import train as train_lib
 
-METHODS = ("sum", "pcgrad", "gradvac", "gradvac-layer", "gradvac-model")
+# The other Gram-based methods, each on the whole model as in its paper.
+GRAM_METHODS = ("mgda", "imtl_g", "aligned_mtl", "upgrad", "nash_mtl")
+METHODS = ("sum", "pcgrad", "gradvac", "gradvac-layer", "gradvac-model", *GRAM_METHODS)
 GRANULARITIES = ("layer", "model", "tensor", "both")
 DEFAULT_METHODS = ("sum", "pcgrad", "gradvac")
 
@@ -38,7 +40,7 @@ class Method:
 
   Attributes:
     name: the column name, e.g. ``"gradvac-layer"``.
-    kind: ``"sum"``, ``"pcgrad"`` or ``"gradvac"``.
+    kind: ``"sum"``, ``"pcgrad"``, ``"gradvac"`` or one of :data:`GRAM_METHODS`.
     granularity: the parameter groups of the surgery (for ``"sum"``: of the cosine probe).
   """
 
@@ -51,7 +53,8 @@ def resolve_methods(names: Sequence[str], granularity: str = "layer") -> tuple[M
   """Turns method names and ``--granularity`` into the methods to run.
 
   ``gradvac`` uses ``granularity``, or becomes ``gradvac-layer`` and ``gradvac-model``
-  when it is ``"both"``. PCGrad always works on the whole model, as in its paper.
+  when it is ``"both"``. PCGrad and the other Gram-based methods work on the whole model,
+  as in their papers.
 
   Args:
     names: names from :data:`METHODS`.
@@ -75,8 +78,8 @@ def resolve_methods(names: Sequence[str], granularity: str = "layer") -> tuple[M
   for name in names:
     if name == "sum":
       found = [Method("sum", "sum", probe_granularity)]
-    elif name == "pcgrad":
-      found = [Method("pcgrad", "pcgrad", "model")]
+    elif name in ("pcgrad", *GRAM_METHODS):
+      found = [Method(name, name, "model")]
     elif name == "gradvac" and granularity == "both":
       found = [
         Method("gradvac-layer", "gradvac", "layer"),
@@ -113,6 +116,8 @@ def make_surgery(
     return train_lib.with_probe(ogv.sum_tasks(num_tasks), probe)
   if method.kind == "pcgrad":
     return ogv.pcgrad(num_tasks, granularity=method.granularity, key=seed)
+  if method.kind in GRAM_METHODS:
+    return getattr(ogv, method.kind)(num_tasks, granularity=method.granularity)
   return ogv.gradvac(num_tasks, beta, granularity=method.granularity, key=seed)
 
 
