@@ -5,6 +5,8 @@ from optax_gradvac._gram import pairwise_cosine as pairwise_cosine
 from optax_gradvac._logging import similarity_summary as similarity_summary
 from optax_gradvac._methods.baselines import mean_tasks as mean_tasks
 from optax_gradvac._methods.baselines import sum_tasks as sum_tasks
+from optax_gradvac._methods.cagrad import cagrad as cagrad
+from optax_gradvac._methods.cagrad import cagrad_weights as cagrad_weights
 from optax_gradvac._methods.gradvac import GradVacState as GradVacState
 from optax_gradvac._methods.gradvac import Surgery as Surgery
 from optax_gradvac._methods.gradvac import gradvac as gradvac
@@ -28,6 +30,8 @@ __all__ = (
   "GradVacState",
   "GramState",
   "Surgery",
+  "cagrad",
+  "cagrad_weights",
   "from_bytes",
   "gradvac",
   "gradvac_coefficients",
