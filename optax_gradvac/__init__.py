@@ -7,6 +7,8 @@ from optax_gradvac._methods.aligned_mtl import aligned_mtl as aligned_mtl
 from optax_gradvac._methods.aligned_mtl import aligned_mtl_weights as aligned_mtl_weights
 from optax_gradvac._methods.baselines import mean_tasks as mean_tasks
 from optax_gradvac._methods.baselines import sum_tasks as sum_tasks
+from optax_gradvac._methods.cagrad import cagrad as cagrad
+from optax_gradvac._methods.cagrad import cagrad_weights as cagrad_weights
 from optax_gradvac._methods.gradvac import GradVacState as GradVacState
 from optax_gradvac._methods.gradvac import Surgery as Surgery
 from optax_gradvac._methods.gradvac import gradvac as gradvac
@@ -42,6 +44,8 @@ __all__ = (
   "Surgery",
   "aligned_mtl",
   "aligned_mtl_weights",
+  "cagrad",
+  "cagrad_weights",
   "from_bytes",
   "gradvac",
   "gradvac_coefficients",

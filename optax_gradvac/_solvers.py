@@ -187,8 +187,8 @@ def min_norm_weights(
 
   Args:
     gram: ``[T, T]`` Gram matrix of the vectors.
-    mask: optional ``[T]`` booleans: the vectors in the hull. Vectors of zero
-      norm are always left out (otherwise the min-norm point would be 0).
+    mask: optional ``[T]`` booleans: the vectors in the hull. By default, every
+      vector of non-zero norm (a zero vector would make the min-norm point 0).
     **solver_options: passed to :func:`nonnegative_qp`.
 
   Returns:
@@ -204,13 +204,11 @@ def min_norm_weights(
   """
   gram = jnp.asarray(gram)
   sq_norms = jnp.diagonal(gram)
-  present = sq_norms > 0
-  if mask is not None:
-    present = present & jnp.asarray(mask, bool)
-  kappa = jnp.min(jnp.where(present, sq_norms, jnp.inf))
+  in_hull = sq_norms > 0 if mask is None else jnp.asarray(mask, bool)
+  kappa = jnp.min(jnp.where(in_hull & (sq_norms > 0), sq_norms, jnp.inf))
   kappa = jnp.where(jnp.isfinite(kappa), kappa, 1)
   ones = jnp.ones_like(sq_norms)
   quadratic = gram + kappa * ones[:, None] * ones[None, :]
-  u = nonnegative_qp(quadratic, -kappa * ones, mask=present, **solver_options)
+  u = nonnegative_qp(quadratic, -kappa * ones, mask=in_hull, **solver_options)
   total = jnp.sum(u)
   return jnp.where(total > 0, u / jnp.where(total > 0, total, 1), 0)

@@ -30,6 +30,7 @@ TRANSFORMS = {
   "mgda": functools.partial(ogv.mgda, NUM_TASKS),
   "mgda-layer": functools.partial(ogv.mgda, NUM_TASKS, granularity="layer"),
   "upgrad": functools.partial(ogv.upgrad, NUM_TASKS),
+  "cagrad": functools.partial(ogv.cagrad, NUM_TASKS),
   "sum_tasks": ogv.sum_tasks,
   "mean_tasks": ogv.mean_tasks,
 }

@@ -5,6 +5,7 @@ written from its paper (``qp_reference``) on that group's flattened gradients.
 """
 
 import dataclasses
+import functools
 from collections.abc import Callable
 
 import jax
@@ -27,6 +28,11 @@ class Case:
 CASES = {
   "mgda": Case(ogv.mgda, reference.mgda),
   "upgrad": Case(ogv.upgrad, reference.upgrad),
+  "cagrad": Case(ogv.cagrad, functools.partial(reference.cagrad, c=0.5)),
+  "cagrad-c2-paper": Case(
+    functools.partial(ogv.cagrad, c=2.0, rescale=False),
+    functools.partial(reference.cagrad, c=2.0, rescale=False),
+  ),
 }
 parametrize_cases = pytest.mark.parametrize("case", CASES.values(), ids=CASES)
 

@@ -139,12 +139,16 @@ def test_min_norm_weights_of_two_vectors_in_closed_form():
 def test_min_norm_weights_leave_out_masked_and_zero_vectors():
   rows = task_matrix("shared", 5, 20, 4)
   rows[3] = 0
-  mask = np.array([True, True, False, True, True])
+  solve = jax.jit(min_norm_weights)
   with jax.enable_x64(True):
-    weights = np.asarray(min_norm_weights(rows @ rows.T, mask))
-  assert weights[2] == 0 and weights[3] == 0
-  keep = [0, 1, 4]
-  np.testing.assert_allclose(weights[keep], reference.min_norm_weights(rows[keep]), atol=1e-10)
+    weights = np.asarray(solve(rows @ rows.T, np.array([True, True, False, True, True])))
+    assert weights[3] == 1  # a zero vector in the hull is its min-norm point
+    weights = np.asarray(solve(rows @ rows.T, np.array([True, True, False, False, True])))
+    assert weights[2] == 0 and weights[3] == 0
+    keep = [0, 1, 4]
+    np.testing.assert_allclose(weights[keep], reference.min_norm_weights(rows[keep]), atol=1e-10)
+    all_but_zero = solve(rows @ rows.T, np.array([True, True, True, False, True]))
+    np.testing.assert_allclose(solve(rows @ rows.T), all_but_zero, atol=1e-10)
   np.testing.assert_array_equal(min_norm_weights(jnp.zeros((3, 3))), 0)
 
 

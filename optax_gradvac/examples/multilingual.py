@@ -28,7 +28,7 @@ from optax_gradvac.examples import data as data_lib
 from optax_gradvac.examples import train as train_lib
 
 # The other Gram-based methods, each on the whole model as in its paper.
-GRAM_METHODS = ("mgda", "imtl_g", "aligned_mtl", "upgrad", "nash_mtl")
+GRAM_METHODS = ("mgda", "imtl_g", "aligned_mtl", "cagrad", "upgrad", "nash_mtl")
 METHODS = ("sum", "pcgrad", "gradvac", "gradvac-layer", "gradvac-model", *GRAM_METHODS)
 GRANULARITIES = ("layer", "model", "tensor", "both")
 DEFAULT_METHODS = ("sum", "pcgrad", "gradvac")
