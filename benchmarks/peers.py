@@ -12,6 +12,10 @@ steps with a fixed visiting order (ascending: `shuffle=False` here,
 `torch.randperm` replaced by `torch.arange` there) and compares the updates and
 the similarity targets.
 
+Then IMTL-G, Aligned-MTL and Nash-MTL: the closed forms against torchjd in
+float64, every side's float32 update against the float64 references of the
+tests (`tests/closed_form_reference.py`), and the step times.
+
   python benchmarks/peers.py [--quick] [--repeats N]   # needs the `peers` extra
 """
 
