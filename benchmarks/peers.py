@@ -12,12 +12,18 @@ steps with a fixed visiting order (ascending: `shuffle=False` here,
 `torch.randperm` replaced by `torch.arange` there) and compares the updates and
 the similarity targets.
 
+Then IMTL-G, Aligned-MTL and Nash-MTL: the closed forms against torchjd in
+float64, every side's float32 update against the float64 references of the
+tests (`tests/closed_form_reference.py`), and the step times.
+
   python benchmarks/peers.py [--quick] [--repeats N]   # needs the `peers` extra
 """
 
 import contextlib
 import functools
 import importlib.metadata
+import pathlib
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 from unittest import mock
@@ -27,9 +33,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
-from torchjd.aggregation import GradVac, PCGrad
+from torchjd.aggregation import IMTLG, AlignedMTL, GradVac, NashMTL, PCGrad
 
 import optax_gradvac as ogv
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "tests"))
+import closed_form_reference  # the float64 references of the tests
 
 Leaves = list[np.ndarray]
 BETA = 0.01  # the paper's; torchjd's default is 0.5, so both are given it explicitly
@@ -180,6 +189,148 @@ def speed(
   )
 
 
+# IMTL-G, Aligned-MTL and Nash-MTL: agreement with torchjd and with the float64
+# references of the tests, and speed.
+
+
+def gram_method(method: str, num_tasks: int, granularity: str) -> tuple[Any, Callable[..., Any]]:
+  """Our transform and a maker of torchjd's aggregator (given a dtype), configured alike.
+
+  Aligned-MTL: torchjd's default averages the aligned gradients, ours (the
+  official code) sums them, so torchjd gets a preference vector of ones.
+  Nash-MTL: torchjd clips the update's norm to 1 by default (`max_norm`), a
+  rescaling we leave to `optax.clip_by_global_norm`, so it gets `max_norm=0`.
+  """
+  if method == "imtl_g":
+    return ogv.imtl_g(num_tasks, granularity=granularity), lambda dtype: IMTLG()
+  if method == "aligned_mtl":
+    tx = ogv.aligned_mtl(num_tasks, granularity=granularity)
+    return tx, lambda dtype: AlignedMTL(pref_vector=torch.ones(num_tasks, dtype=dtype))
+  tx = ogv.nash_mtl(num_tasks, granularity=granularity)
+  return tx, lambda dtype: NashMTL(n_tasks=num_tasks, max_norm=0.0)
+
+
+GRAM_REFERENCES = {
+  "imtl_g": closed_form_reference.imtl_g,
+  "aligned_mtl": closed_form_reference.aligned_mtl,
+  "nash_mtl": closed_form_reference.nash_mtl,
+}
+
+
+def reference_update(method: str, leaves: Leaves, per_layer: bool) -> np.ndarray:
+  """The float64 update of the tests' reference, flattened like torchjd's."""
+  groups = [leaves] if not per_layer else [[leaf] for leaf in leaves]
+  updates = []
+  for group in groups:
+    grads = np.concatenate([np.asarray(leaf, np.float64) for leaf in group], axis=1)
+    updates.append(GRAM_REFERENCES[method](grads) @ grads)
+  return np.concatenate(updates)
+
+
+def gram_method_agreement(
+  method: str, granularity: str, num_tasks: int, steps: int, leaf_size: int
+) -> tuple[Any, ...]:
+  """Both sides in float32 against the float64 reference, and each other in float64."""
+  num_leaves, per_layer = 4, granularity == "layer"
+  tx, make = gram_method(method, num_tasks, granularity)
+  initial = make_leaves(num_tasks, num_leaves, leaf_size, 0)  # shapes for init
+  closed_form = method != "nash_mtl"  # Nash-MTL's solvers differ: no float64 pairing
+  ours = Ours(tx, initial)
+  theirs = Theirs(lambda: make(torch.float32), num_leaves if per_layer else 1)
+  theirs64 = Theirs(lambda: make(torch.float64), num_leaves if per_layer else 1)
+  with jax.enable_x64(True):
+    ours64 = Ours(tx, [leaf.astype(np.float64) for leaf in initial])
+  ours_error = theirs_error = pair_error = 0.0
+  for step in range(steps):
+    leaves = make_leaves(num_tasks, num_leaves, leaf_size, seed=100 + step)
+    expected = reference_update(method, leaves, per_layer)
+    ours_update = flat_update(ours.step(as_tree(leaves)))
+    theirs_update = theirs.step(torch_inputs(leaves, per_layer)).numpy()
+    ours_error = max(ours_error, relative_error(ours_update, expected))
+    theirs_error = max(theirs_error, relative_error(theirs_update, expected))
+    if closed_form:
+      leaves64 = [leaf.astype(np.float64) for leaf in leaves]
+      with jax.enable_x64(True):
+        ours64_update = flat_update(ours64.step(as_tree(leaves64)))
+      theirs64_update = theirs64.step(torch_inputs(leaves64, per_layer)).numpy()
+      pair_error = max(pair_error, relative_error(ours64_update, theirs64_update))
+  verdict = pair_error <= 1e-5 if closed_form else ours_error <= max(theirs_error, 1e-5)
+  return (
+    method,
+    granularity,
+    num_tasks,
+    steps,
+    pair_error if closed_form else "-",
+    ours_error,
+    theirs_error,
+    "yes" if verdict else "NO",
+  )
+
+
+def gram_method_speed(
+  method: str, granularity: str, num_tasks: int, leaves: Leaves, repeats: int
+) -> tuple[Any, ...]:
+  """Median step times of ours and torchjd's on the same float32 gradients; a table row."""
+  per_layer = granularity == "layer"
+  tx, make = gram_method(method, num_tasks, granularity)
+  ours = Ours(tx, leaves)
+  theirs = Theirs(lambda: make(torch.float32), len(leaves) if per_layer else 1)
+  tree, matrices = as_tree(leaves), torch_inputs(leaves, per_layer)
+  medians = _harness.interleaved_medians(
+    {"ours": lambda: ours.step(tree), "theirs": lambda: theirs.step(matrices)},
+    repeats=repeats,
+  )
+  return (
+    method,
+    granularity,
+    len(leaves) if per_layer else 1,
+    num_tasks,
+    1e3 * medians["ours"],
+    1e3 * medians["theirs"],
+    medians["ours"] / medians["theirs"],
+  )
+
+
+def gram_methods_tables(quick: bool, repeats: int, num_leaves: int, leaf_size: int) -> str:
+  """Prints the agreement and speed tables of IMTL-G, Aligned-MTL and Nash-MTL."""
+  methods = ("imtl_g", "aligned_mtl", "nash_mtl")
+  check_size, steps = (100, 3) if quick else (20_000, 5)
+  checks = [
+    gram_method_agreement(method, granularity, num_tasks, steps, check_size)
+    for method in methods
+    for granularity in ("model", "layer")
+    for num_tasks in ((4,) if quick else (8, 16))
+  ]
+  check_table = _harness.markdown_table(
+    (
+      "method",
+      "granularity",
+      "T",
+      "steps",
+      "float64: ours vs torchjd",
+      "float32: ours vs float64 reference",
+      "float32: torchjd vs float64 reference",
+      "agree",
+    ),
+    checks,
+  )
+  print(f"\n## Agreement of IMTL-G, Aligned-MTL, Nash-MTL (4 leaves of {check_size})\n")
+  print(check_table)
+  rows = []
+  for method in methods:
+    for granularity in ("model", "layer"):
+      for num_tasks in (4,) if quick else (8, 16):
+        leaves = make_leaves(num_tasks, num_leaves, leaf_size, seed=num_tasks)
+        rows.append(gram_method_speed(method, granularity, num_tasks, leaves, repeats))
+        print(f"{method} {granularity} T={num_tasks}: ratio {rows[-1][-1]:.4f}", flush=True)
+  speed_table = _harness.markdown_table(
+    ("method", "granularity", "groups", "T", "ours ms", "torchjd ms", "ours / torchjd"), rows
+  )
+  print(f"\n## Step time of IMTL-G, Aligned-MTL, Nash-MTL, P = {num_leaves * leaf_size:,}\n")
+  print(speed_table)
+  return check_table + "\n\n" + speed_table
+
+
 def main(argv: Sequence[str] | None = None) -> str:
   """Prints the agreement table and the timing table; returns both, a blank line apart."""
   args = _harness.parse_args(argv, __doc__.splitlines()[0])
@@ -234,7 +385,8 @@ def main(argv: Sequence[str] | None = None) -> str:
   print(f"\n## Step time, P = {params:,} float32 in {num_leaves} leaves\n")
   print(speed_table)
   print(f"medians of {repeats} interleaved repetitions after one warm-up call each")
-  return check_table + "\n\n" + speed_table
+  gram_tables = gram_methods_tables(args.quick, repeats, num_leaves, leaf_size)
+  return check_table + "\n\n" + speed_table + "\n\n" + gram_tables
 
 
 if __name__ == "__main__":
