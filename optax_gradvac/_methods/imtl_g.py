@@ -34,8 +34,9 @@ def imtl_g_weights(gram: jax.typing.ArrayLike) -> jax.Array:
   span has equal projections on all unit gradients (two opposite tasks; more
   tasks than parameters in a group), :math:`\beta` is the least-squares
   solution. The weights are all 0 (a zero update) when that solution has no
-  projection left (opposite tasks), or when :math:`\sum_s \beta_s / |g_s|` is 0
-  to rounding: equal projections with weights summing to 1 do not exist then.
+  projection left (:math:`|C \beta|^2 \le T^2 \epsilon`: opposite tasks), or
+  when :math:`|\sum_s \beta_s / |g_s|| \le T \epsilon \sum_s |\beta_s| / |g_s|`
+  (0 to rounding): equal projections with weights summing to 1 do not exist then.
   As in the paper, that sum can be negative (one task with a much smaller
   gradient than the others, three tasks or more): the update then has equal
   *negative* projections on every task gradient.
