@@ -2,7 +2,7 @@
 
 Written from the papers on the task gradients themselves (``[T, P]`` numpy
 arrays, no Gram-matrix reformulation, nothing shared with the library), with
-scipy's solvers or an exhaustive search over supports.
+exhaustive searches over supports (and scipy's SLSQP for CAGrad's primal).
 """
 
 import itertools
@@ -53,13 +53,39 @@ def mgda(grads: np.ndarray) -> np.ndarray:
   return min_norm_weights(grads[present]) @ grads[present]
 
 
+def nonnegative_least_squares(matrix: np.ndarray, target: np.ndarray) -> np.ndarray:
+  """argmin over x >= 0 of |matrix @ x - target|, by trying every support.
+
+  The optimum's residual is unique, and by Caratheodory it is reached on a
+  support of linearly independent columns, where it is the unconstrained least
+  squares solution: so the best non-negative least squares solution over all
+  supports (the empty one included) is optimal. Exhaustive: for up to 8 or so
+  columns. (scipy's ``nnls`` stops with "maximum number of iterations" on some
+  rank-deficient problems since scipy 1.15.)
+  """
+  matrix, target = np.asarray(matrix, np.float64), np.asarray(target, np.float64)
+  num_vars = matrix.shape[1]
+  best, best_value = np.zeros(num_vars), float(target @ target)
+  for size in range(1, num_vars + 1):
+    for support in map(list, itertools.combinations(range(num_vars), size)):
+      solution = np.linalg.lstsq(matrix[:, support], target, rcond=None)[0]
+      if solution.min() < -1e-12 * max(1.0, np.abs(solution).max()):
+        continue
+      x = np.zeros(num_vars)
+      x[support] = np.clip(solution, 0, None)
+      residual = matrix @ x - target
+      if residual @ residual < best_value:
+        best, best_value = x, float(residual @ residual)
+  return best
+
+
 def dual_cone_projection(grads: np.ndarray, vector: np.ndarray) -> np.ndarray:
   """The projection of ``vector`` onto {x : <g_t, x> >= 0 for every t}.
 
   By Moreau's decomposition it is ``vector + J^T lam`` with ``lam >= 0``
-  minimising ``|vector + J^T lam|`` (Lawson-Hanson NNLS on ``J^T`` itself).
+  minimising ``|vector + J^T lam|``: non-negative least squares on ``J^T``.
   """
-  lam, _ = scipy.optimize.nnls(grads.T, -vector, maxiter=100 * len(grads))
+  lam = nonnegative_least_squares(grads.T, -vector)
   return vector + grads.T @ lam
 
 
