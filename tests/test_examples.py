@@ -52,6 +52,11 @@ def test_quick_run_writes_results_and_plots(tmp_path):
     assert set(results["heldout_bpc"][method]) == {"es", "pt", "it", "ru", "uk", "bg"}
     assert set(results["mean_bpc"][method]) == {"all", "low_resource", "others"}
     assert results["curves"][method]["eval_steps"] == [4, 8]
+    per_seed = results["per_seed"][method]
+    for subset, mean in results["mean_bpc"][method].items():
+      assert np.mean(per_seed["final"][subset]) == pytest.approx(mean, rel=1e-6)
+      assert per_seed["best"][subset][0] <= per_seed["final"][subset][0]
+      assert per_seed["best_step"][subset][0] in (4, 8)
   assert set(results["family_recovery"]) == {"sum", "gradvac-layer", "gradvac-model"}
   assert results["family_recovery"]["sum"]["matrix_kind"] == "cosine"
   for recovery in results["family_recovery"].values():
@@ -64,6 +69,39 @@ def test_quick_run_writes_results_and_plots(tmp_path):
     assert png.stat().st_size > 1000
     assert results["plots"][name] == str(png)
   assert "| **mean, low-resource\\*** |" in (tmp_path / "results.md").read_text()
+  assert "| method | all, final | all, best (step) |" in (tmp_path / "results.md").read_text()
+
+
+def test_seed_scores_pick_each_subsets_best_evaluation():
+  def history(bpc):
+    bpc = np.asarray(bpc, float)
+    return train_lib.History(
+      train_loss=np.zeros((3, 3)),
+      eval_steps=np.array([10, 20, 30]),
+      heldout_bpc=bpc,
+      targets=None,
+      cosine=None,
+      corrected_fraction=None,
+      seconds=0.0,
+    )
+
+  low = np.array([True, False, False])
+  # Rows: evaluations; columns: languages. The low-resource language is best at step 10,
+  # the others at step 30.
+  runs = [
+    history([[4.0, 3.0, 3.2], [4.1, 2.9, 3.0], [4.3, 2.8, 2.8]]),
+    history([[3.0, 2.0, 2.0], [3.5, 1.0, 1.0], [3.9, 1.5, 1.5]]),
+  ]
+  scores = multilingual.seed_scores(runs, low)
+  assert scores["final"]["low_resource"] == pytest.approx([4.3, 3.9])
+  assert scores["best"]["low_resource"] == pytest.approx([4.0, 3.0])
+  assert scores["best_step"]["low_resource"] == [10, 10]
+  assert scores["final"]["others"] == pytest.approx([2.8, 1.5])
+  assert scores["best"]["others"] == pytest.approx([2.8, 1.0])
+  assert scores["best_step"]["others"] == [30, 20]
+  assert scores["best"]["all"] == pytest.approx([3.3, 5.5 / 3])
+  assert scores["best_step"]["all"] == [30, 20]
+  assert set(multilingual.seed_scores(runs, np.zeros(3, bool))["final"]) == {"all", "others"}
 
 
 def _small_data(seed):

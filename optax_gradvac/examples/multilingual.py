@@ -234,6 +234,35 @@ def _mean_or_none(values: np.ndarray) -> float | None:
   return float(values.mean()) if values.size else None
 
 
+def seed_scores(histories: Sequence[train_lib.History], low: np.ndarray) -> dict:
+  """Each seed's final and best-step held-out scores over the language subsets.
+
+  The low-resource languages overfit (their held-out score is best well before the last
+  step), so the best step is reported beside the final one. Best: the lowest mean over
+  a subset's languages among the evaluations, and the step it was reached at.
+
+  Args:
+    histories: one run per seed.
+    low: bool ``[T]``, the low-resource languages.
+
+  Returns:
+    ``{"final" | "best" | "best_step": {"all" | "low_resource" | "others": [per seed]}}``;
+    a subset without languages is left out.
+  """
+  subsets = {"all": np.ones_like(low), "low_resource": low, "others": ~low}
+  scores: dict = {"final": {}, "best": {}, "best_step": {}}
+  for subset, mask in subsets.items():
+    if not mask.any():
+      continue
+    curves = [h.heldout_bpc[:, mask].mean(axis=1) for h in histories]
+    scores["final"][subset] = [float(curve[-1]) for curve in curves]
+    scores["best"][subset] = [float(curve.min()) for curve in curves]
+    scores["best_step"][subset] = [
+      int(h.eval_steps[curve.argmin()]) for h, curve in zip(histories, curves, strict=True)
+    ]
+  return scores
+
+
 def summarize(experiment: Experiment, histories: dict[str, list[train_lib.History]]) -> dict:
   """Collects every number of a run into a JSON-ready dict (the content of results.json).
 
@@ -245,7 +274,8 @@ def summarize(experiment: Experiment, histories: dict[str, list[train_lib.Histor
     A dict with the settings (``config``, ``languages``, ``families``, ``low_resource``,
     ``seeds``, ``methods``), held-out bits per character (``heldout_bpc`` per method and
     language, averaged over seeds; ``heldout_bpc_per_seed``; ``mean_bpc`` over all, the
-    low-resource and the other languages), ``family_recovery`` per similarity matrix (see
+    low-resource and the other languages; ``per_seed``, each seed's final and best-step
+    scores, see :func:`seed_scores`), ``family_recovery`` per similarity matrix (see
     :func:`~optax_gradvac.examples.analysis.family_recovery`), ``curves``,
     ``corrected_fraction`` (mean fraction of task pairs corrected per step) and ``seconds``.
   """
@@ -280,6 +310,7 @@ def summarize(experiment: Experiment, histories: dict[str, list[train_lib.Histor
       }
       for name, values in bpc.items()
     },
+    "per_seed": {name: seed_scores(runs, low) for name, runs in histories.items()},
     "family_recovery": {
       name: {
         "matrix_kind": kind,
@@ -307,6 +338,39 @@ def summarize(experiment: Experiment, histories: dict[str, list[train_lib.Histor
   }
 
 
+def _spread(values: list[float]) -> str:
+  if len(values) == 1:
+    return f"{values[0]:.3f}"
+  return f"{np.mean(values):.3f} ± {np.std(values, ddof=1):.3f}"
+
+
+def _seed_table(results: dict) -> list[str]:
+  """Final and best-step means over the language subsets, mean ± sd over seeds."""
+  names = {"all": "all", "low_resource": "low-resource", "others": "others"}
+  subsets = [s for s in names if s in results["per_seed"][results["methods"][0]]["final"]]
+  header = " | ".join(f"{names[s]}, final | {names[s]}, best (step)" for s in subsets)
+  every = results["config"]["eval_every"]
+  lines = [
+    "## Final and best-step scores",
+    "",
+    "Mean held-out bits per character over each subset of languages, over "
+    f"{len(results['seeds'])} seed(s): mean ± sd. Best: the lowest of the evaluations "
+    f"(every {every} steps), with the median step it was reached at.",
+    "",
+    f"| method | {header} |",
+    "|---|" + "---:|---:|" * len(subsets),
+  ]
+  for name in results["methods"]:
+    scores = results["per_seed"][name]
+    cells = [
+      f"{_spread(scores['final'][s])} | {_spread(scores['best'][s])} "
+      f"({int(np.median(scores['best_step'][s]))})"
+      for s in subsets
+    ]
+    lines.append(f"| {name} | " + " | ".join(cells) + " |")
+  return [*lines, ""]
+
+
 def report(results: dict) -> str:
   """The markdown summary of :func:`summarize`'s results: tables and wall time."""
   config = results["config"]
@@ -326,6 +390,7 @@ def report(results: dict) -> str:
       results["low_resource"],
     ),
     "",
+    *_seed_table(results),
   ]
   if results["family_recovery"]:
     num_families = len(set(results["families"]))
