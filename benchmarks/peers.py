@@ -16,9 +16,15 @@ Then IMTL-G, Aligned-MTL and Nash-MTL: the closed forms against torchjd in
 float64, every side's float32 update against the float64 references of the
 tests (`tests/closed_form_reference.py`), and the step times.
 
-  python benchmarks/peers.py [--quick] [--repeats N]   # needs the `peers` extra
+Then MGDA, CAGrad and UPGrad, whose weights solve a convex program: each
+side's update, in float64 and in float32, against the float64 optimum of the
+tests' references (`tests/qp_reference.py`), and the step times.
+
+  python benchmarks/peers.py [--quick] [--repeats N] [--only gradvac|closed_form|qp]
+  # needs the `peers` extra
 """
 
+import argparse
 import contextlib
 import functools
 import importlib.metadata
@@ -33,12 +39,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
-from torchjd.aggregation import IMTLG, AlignedMTL, GradVac, NashMTL, PCGrad
+from torchjd.aggregation import (
+  IMTLG,
+  MGDA,
+  AlignedMTL,
+  CAGrad,
+  GradVac,
+  NashMTL,
+  PCGrad,
+  UPGrad,
+)
 
 import optax_gradvac as ogv
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "tests"))
 import closed_form_reference  # the float64 references of the tests
+import qp_reference
 
 Leaves = list[np.ndarray]
 BETA = 0.01  # the paper's; torchjd's default is 0.5, so both are given it explicitly
@@ -268,11 +284,19 @@ def gram_method_agreement(
 
 
 def gram_method_speed(
-  method: str, granularity: str, num_tasks: int, leaves: Leaves, repeats: int
+  method: str,
+  granularity: str,
+  num_tasks: int,
+  leaves: Leaves,
+  repeats: int,
+  configure: Callable[[str, int, str], tuple[Any, Callable[..., Any]]] | None = None,
 ) -> tuple[Any, ...]:
-  """Median step times of ours and torchjd's on the same float32 gradients; a table row."""
+  """Median step times of ours and torchjd's on the same float32 gradients; a table row.
+
+  `configure` gives our transform and torchjd's aggregator maker (default: `gram_method`).
+  """
   per_layer = granularity == "layer"
-  tx, make = gram_method(method, num_tasks, granularity)
+  tx, make = (configure or gram_method)(method, num_tasks, granularity)
   ours = Ours(tx, leaves)
   theirs = Theirs(lambda: make(torch.float32), len(leaves) if per_layer else 1)
   tree, matrices = as_tree(leaves), torch_inputs(leaves, per_layer)
@@ -331,8 +355,155 @@ def gram_methods_tables(quick: bool, repeats: int, num_leaves: int, leaf_size: i
   return check_table + "\n\n" + speed_table
 
 
+# MGDA, CAGrad and UPGrad: each side's distance to the float64 optimum, and speed.
+
+QP_METHODS = ("mgda", "cagrad", "upgrad")
+CAGRAD_C = 0.5  # our default; torchjd's CAGrad has none
+
+
+def qp_method(method: str, num_tasks: int, granularity: str) -> tuple[Any, Callable[..., Any]]:
+  """Our transform and a maker of torchjd's aggregator (given a dtype), each as it comes.
+
+  Both sides keep their default solver settings. CAGrad: c = 0.5 on both sides,
+  and ours with `rescale=False`, since torchjd follows the paper's Algorithm 1
+  and does not divide the update by 1 + c^2 as the official code (and our
+  default) does.
+  """
+  if method == "mgda":
+    return ogv.mgda(num_tasks, granularity=granularity), lambda dtype: MGDA()
+  if method == "cagrad":
+    tx = ogv.cagrad(num_tasks, CAGRAD_C, granularity=granularity, rescale=False)
+    return tx, lambda dtype: CAGrad(c=CAGRAD_C)
+  return ogv.upgrad(num_tasks, granularity=granularity), lambda dtype: UPGrad()
+
+
+QP_REFERENCES = {
+  "mgda": qp_reference.mgda,
+  "cagrad": functools.partial(qp_reference.cagrad, c=CAGRAD_C, rescale=False),
+  "upgrad": qp_reference.upgrad,
+}
+
+
+def qp_reference_update(method: str, leaves: Leaves, per_layer: bool) -> np.ndarray:
+  """The float64 optimum of every group from the tests' references, flattened like torchjd's.
+
+  The references try every support on the rows they are given, each try a
+  least-squares solve on those rows: on a group's `[T, P]` gradients UPGrad's
+  takes minutes at T = 8. They get instead the `[T, T]` rows `R^T` of the
+  float64 QR factorisation `g^T = Q R` of the group's gradients: the same Gram
+  matrix, so the same weights, and the group's update is `Q @` the update of
+  the rows (exact up to float64 rounding: 4e-14 from the references on the
+  full gradients at T = 8).
+  """
+  groups = [leaves] if not per_layer else [[leaf] for leaf in leaves]
+  updates = []
+  for group in groups:
+    grads = np.concatenate([np.asarray(leaf, np.float64) for leaf in group], axis=1)
+    basis, triangle = np.linalg.qr(grads.T)
+    updates.append(basis @ QP_REFERENCES[method](triangle.T))
+  return np.concatenate(updates)
+
+
+def qp_method_agreement(
+  method: str, granularity: str, num_tasks: int, steps: int, leaf_size: int
+) -> tuple[Any, ...]:
+  """Each side, in float64 and in float32, against the float64 optimum; a table row."""
+  num_leaves, per_layer = 4, granularity == "layer"
+  num_groups = num_leaves if per_layer else 1
+  tx, make = qp_method(method, num_tasks, granularity)
+  initial = make_leaves(num_tasks, num_leaves, leaf_size, 0)  # shapes for init
+  ours = Ours(tx, initial)
+  with jax.enable_x64(True):
+    ours64 = Ours(tx, [leaf.astype(np.float64) for leaf in initial])
+  theirs = Theirs(lambda: make(torch.float32), num_groups)
+  theirs64 = Theirs(lambda: make(torch.float64), num_groups)
+  errors = dict.fromkeys(("ours64", "theirs64", "ours", "theirs"), 0.0)
+  for step in range(steps):
+    leaves = make_leaves(num_tasks, num_leaves, leaf_size, seed=100 + step)
+    leaves64 = [leaf.astype(np.float64) for leaf in leaves]
+    expected = qp_reference_update(method, leaves, per_layer)
+    with jax.enable_x64(True):
+      updates = {"ours64": flat_update(ours64.step(as_tree(leaves64)))}
+    updates["theirs64"] = theirs64.step(torch_inputs(leaves64, per_layer)).numpy()
+    updates["ours"] = flat_update(ours.step(as_tree(leaves)))
+    updates["theirs"] = theirs.step(torch_inputs(leaves, per_layer)).numpy()
+    for name, update in updates.items():
+      errors[name] = max(errors[name], relative_error(update, expected))
+  closer = errors["ours"] <= max(errors["theirs"], 1e-5)
+  return (
+    method,
+    granularity,
+    num_tasks,
+    steps,
+    errors["ours64"],
+    errors["theirs64"],
+    errors["ours"],
+    errors["theirs"],
+    "yes" if closer else "NO",
+  )
+
+
+def qp_methods_tables(quick: bool, repeats: int, num_leaves: int, leaf_size: int) -> str:
+  """Prints the distance-to-optimum and speed tables of MGDA, CAGrad and UPGrad."""
+  check_size, steps = (100, 3) if quick else (20_000, 5)
+  task_counts = (4,) if quick else (8, 16)
+  checks = []
+  for method in QP_METHODS:
+    for granularity in ("model", "layer"):
+      for num_tasks in task_counts:
+        checks.append(qp_method_agreement(method, granularity, num_tasks, steps, check_size))
+        print(f"{method} {granularity} T={num_tasks}: {checks[-1][4:]}", flush=True)
+  check_table = _harness.markdown_table(
+    (
+      "method",
+      "granularity",
+      "T",
+      "steps",
+      "float64: ours vs optimum",
+      "float64: torchjd vs optimum",
+      "float32: ours vs optimum",
+      "float32: torchjd vs optimum",
+      "ours as close",
+    ),
+    checks,
+  )
+  print(f"\n## Distance to the float64 optimum: MGDA, CAGrad, UPGrad (4 leaves of {check_size})\n")
+  print(check_table)
+  rows = []
+  for method in QP_METHODS:
+    for granularity in ("model", "layer"):
+      for num_tasks in task_counts:
+        leaves = make_leaves(num_tasks, num_leaves, leaf_size, seed=num_tasks)
+        rows.append(
+          gram_method_speed(method, granularity, num_tasks, leaves, repeats, configure=qp_method)
+        )
+        print(f"{method} {granularity} T={num_tasks}: ratio {rows[-1][-1]:.4f}", flush=True)
+  speed_table = _harness.markdown_table(
+    ("method", "granularity", "groups", "T", "ours ms", "torchjd ms", "ours / torchjd"), rows
+  )
+  print(f"\n## Step time of MGDA, CAGrad, UPGrad, P = {num_leaves * leaf_size:,}\n")
+  print(speed_table)
+  print(f"medians of {repeats} interleaved repetitions after one warm-up call each")
+  return check_table + "\n\n" + speed_table
+
+
+def split_only(argv: Sequence[str] | None) -> tuple[set[str], list[str]]:
+  """Takes `--only a,b` (parts to run: gradvac, closed_form, qp; default all) out of argv."""
+  parser = argparse.ArgumentParser(add_help=False)
+  parser.add_argument("--only", default=",".join(PARTS))
+  known, rest = parser.parse_known_args(argv)
+  parts = set(known.only.split(","))
+  if parts - set(PARTS):
+    raise SystemExit(f"unknown parts {sorted(parts - set(PARTS))}; choose from {PARTS}")
+  return parts, rest
+
+
+PARTS = ("gradvac", "closed_form", "qp")
+
+
 def main(argv: Sequence[str] | None = None) -> str:
-  """Prints the agreement table and the timing table; returns both, a blank line apart."""
+  """Prints the agreement and timing tables; returns them, a blank line apart."""
+  parts, argv = split_only(argv)
   args = _harness.parse_args(argv, __doc__.splitlines()[0])
   if args.quick:
     check_tasks, check_size, num_leaves, leaf_size = 4, 100, 4, 1000
@@ -349,7 +520,26 @@ def main(argv: Sequence[str] | None = None) -> str:
     f"{_harness.machine_line()}; torch {torch.__version__} ({torch.get_num_threads()} threads), "
     f"torchjd {importlib.metadata.version('torchjd')}"
   )
+  tables = []
+  if "gradvac" in parts:
+    tables += gradvac_tables(check_tasks, check_size, steps, cases, num_leaves, leaf_size, repeats)
+  if "closed_form" in parts:
+    tables.append(gram_methods_tables(args.quick, repeats, num_leaves, leaf_size))
+  if "qp" in parts:
+    tables.append(qp_methods_tables(args.quick, repeats, num_leaves, leaf_size))
+  return "\n\n".join(tables)
 
+
+def gradvac_tables(
+  check_tasks: int,
+  check_size: int,
+  steps: int,
+  cases: Sequence[tuple[str, str, int]],
+  num_leaves: int,
+  leaf_size: int,
+  repeats: int,
+) -> list[str]:
+  """Prints GradVac's and PCGrad's agreement and timing tables; returns both."""
   checks = [
     agreement("gradvac", "model", BETA, check_tasks, steps, check_size),
     agreement("gradvac", "model", 0.5, check_tasks, steps, check_size),
@@ -385,8 +575,7 @@ def main(argv: Sequence[str] | None = None) -> str:
   print(f"\n## Step time, P = {params:,} float32 in {num_leaves} leaves\n")
   print(speed_table)
   print(f"medians of {repeats} interleaved repetitions after one warm-up call each")
-  gram_tables = gram_methods_tables(args.quick, repeats, num_leaves, leaf_size)
-  return check_table + "\n\n" + speed_table + "\n\n" + gram_tables
+  return [check_table, speed_table]
 
 
 if __name__ == "__main__":

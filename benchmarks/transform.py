@@ -43,6 +43,14 @@ METHODS.update(
     "nash_mtl": (lambda t, g: ogv.nash_mtl(t, granularity=g), 1.3, 2.0),
   }
 )
+# The weightings that solve a small convex program (`optax_gradvac._solvers`).
+METHODS.update(
+  {
+    "mgda": (lambda t, g: ogv.mgda(t, granularity=g), 1.3, 2.0),
+    "cagrad": (lambda t, g: ogv.cagrad(t, granularity=g), 1.3, 2.0),
+    "upgrad": (lambda t, g: ogv.upgrad(t, granularity=g), 1.3, 2.0),
+  }
+)
 
 
 def split_options(argv: Sequence[str] | None) -> tuple[list[str], list[int] | None, list[str]]:
