@@ -326,6 +326,14 @@ def test_bad_input_is_rejected_at_trace_time(call, error, match):
     jax.jit(lambda s, p: call(tx, s, p, grads_fn))(state, params)
 
 
+def test_multi_steps_rejects_the_low_memory_path():
+  tx = ogv.multi_steps(_errors_tx(), 2, num_tasks=T)
+  params = _params()
+  fn = _grads_fn("tasks", *_task_data(0))
+  with pytest.raises(ValueError, match="multi_steps: task_grads_fn"):
+    jax.jit(lambda p: tx.update(None, tx.init(p), p, task_grads_fn=fn))(params)
+
+
 def test_the_extra_argument_is_not_one_of_optax():
   linesearch = optax.scale_by_backtracking_linesearch(max_backtracking_steps=3)
   optax_names = set(inspect.signature(linesearch.update).parameters)
