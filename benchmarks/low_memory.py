@@ -16,7 +16,7 @@ of P (the parameters' bytes). Time is the median of interleaved repetitions.
 
   python benchmarks/low_memory.py [--quick] [--repeats N]
 
-`--rss stacked|low` instead runs a few steps of one large case and nothing else,
+`--rss stacked|low|plain` instead runs a few steps of one large case and nothing else,
 so that `/usr/bin/time -v` can report the process's peak resident memory:
 
   /usr/bin/time -v python benchmarks/low_memory.py --rss stacked --tasks 32 --width 768
@@ -130,12 +130,60 @@ def table(task_counts: Sequence[int], layers: int, width: int, repeats: int) -> 
   return _harness.markdown_table(header, rows)
 
 
+def scanned_table(num_tasks: int, layers: int, width: int) -> str:
+  """Scratch memory of the same MLP written with a Python loop and with `lax.scan`.
+
+  Scanned, every layer's kernel is a slice of one `[layers, width, width]` leaf
+  (as with `nn.scan`), and the per-task gradients of that leaf come out of the
+  scan's backward pass all at once.
+  """
+  unrolled = mlp(layers, width)
+  scanned = {
+    "blocks": jax.tree.map(lambda *leaves: jnp.stack(leaves), *unrolled.values()),
+  }
+
+  def scanned_loss(params, x, y):
+    def block(h, layer):
+      return jnp.tanh(h @ layer["kernel"] + layer["bias"]), None
+
+    h, _ = jax.lax.scan(block, x, params["blocks"])
+    return jnp.mean((h - y) ** 2)
+
+  size = sum(leaf.size for leaf in jax.tree.leaves(unrolled)) * 4
+  xs, ys = data(num_tasks, width)
+  rows = []
+  for name, params, loss, granularity in [
+    ("Python loop", unrolled, task_loss, "layer"),
+    ("lax.scan", scanned, scanned_loss, ogv.StackedLayers("blocks")),
+  ]:
+    tx = ogv.gradvac(num_tasks, granularity=granularity)
+    per_task = ogv.task_value_and_grad(loss)
+    state = tx.init(params)
+
+    def stacked(params, state, tx=tx, per_task=per_task):
+      return tx.update(per_task(params, xs, ys)[1], state, params)
+
+    def low(params, state, tx=tx, per_task=per_task):
+      return tx.update(None, state, params, task_grads_fn=lambda p: per_task(p, xs, ys))
+
+    def plain(params, state, loss=loss):
+      return jax.grad(lambda p: jax.vmap(loss, (None, 0, 0))(p, xs, ys).sum())(params)
+
+    temp = [
+      jax.jit(fn).lower(params, state).compile().memory_analysis().temp_size_in_bytes / size
+      for fn in (stacked, low, plain)
+    ]
+    rows.append([name, num_tasks, *temp])
+  print(f"{layers} dense layers of width {width}, unrolled or scanned; scratch memory / P")
+  return _harness.markdown_table(["model", "T", "stacked", "low memory", "plain"], rows)
+
+
 def rss(mode: str, num_tasks: int, layers: int, width: int) -> None:
   params = mlp(layers, width)
   step = steps(num_tasks)
   state = step["tx"].init(params)
   xs, ys = data(num_tasks, width)
-  run = jax.jit(step["low memory" if mode == "low" else "stacked"])
+  run = jax.jit(step[{"low": "low memory"}.get(mode, mode)])
   for _ in range(3):
     params, state = jax.block_until_ready(run(params, state, xs, ys))
   size = sum(leaf.size for leaf in jax.tree.leaves(params)) * 4
@@ -147,7 +195,7 @@ def main(argv: Sequence[str] | None = None) -> str:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test, not data")
   parser.add_argument("--repeats", type=int, default=None, help="timed repetitions per case")
-  parser.add_argument("--rss", choices=["stacked", "low"], default=None)
+  parser.add_argument("--rss", choices=["stacked", "low", "plain"], default=None)
   parser.add_argument("--tasks", type=int, default=32, help="T of the --rss case")
   parser.add_argument("--layers", type=int, default=24)
   parser.add_argument("--width", type=int, default=256)
@@ -158,8 +206,10 @@ def main(argv: Sequence[str] | None = None) -> str:
   print(_harness.machine_line())
   if args.quick:
     text = table([2, 4], layers=3, width=16, repeats=args.repeats or 2)
+    text += "\n\n" + scanned_table(4, layers=3, width=16)
   else:
     text = table([8, 32, 64], args.layers, args.width, repeats=args.repeats or 7)
+    text += "\n\n" + scanned_table(32, args.layers, args.width)
   print(text)
   return text
 
