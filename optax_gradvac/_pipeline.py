@@ -118,9 +118,9 @@ def gram_transformation(
   compute the gradients ``fn(params)[1]`` afresh (the low-memory path): the
   first reduces every leaf to its Gram matrix as soon as it exists, the second
   to its weighted sum, so the ``T x P`` stacked gradients never exist at once.
-  ``params`` goes through an optimization barrier with what each pass needs from
-  the one before (the weights), so XLA can neither start the second pass early
-  nor merge the two identical computations into one.
+  The second pass reads ``params`` computed from the weights (:func:`_after`), so
+  XLA can neither start it early nor merge the two identical computations into
+  one. sum_tasks and mean_tasks need one pass only.
   """
   _checks.check_num_tasks(method.name, num_tasks)
   _pytree.check_granularity(granularity)
