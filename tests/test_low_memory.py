@@ -32,7 +32,6 @@ METHODS = {
   "mean_tasks": lambda granularity: ogv.mean_tasks(T),
   "mgda": functools.partial(ogv.mgda, T),
   "nash_mtl": functools.partial(ogv.nash_mtl, T),
-  "upgrad": functools.partial(ogv.upgrad, T),
 }
 
 
@@ -129,27 +128,28 @@ def _assert_same_as_stacked(make, kind: str, **data):
 
 
 # (method, granularity, batches, what step 1 holds): every granularity on both
-# kinds of batches with GradVac, the other methods on one each. Step 1 holds a
-# NaN (the update is the plain sum's NaN, the state is kept) or finite gradients
-# whose squares overflow float32 (the Gram matrices are rescaled) where named.
+# kinds of batches, every method on one of them. Step 1 holds a NaN (the update is
+# the plain sum's NaN, the state is kept) or finite gradients whose squares
+# overflow float32 (the Gram matrices are rescaled) where named.
 CASES = [
   ("gradvac", "model", "tasks", "normal"),
-  ("gradvac", "model", "segments", "nonfinite"),
-  ("gradvac", "layer", "tasks", "nonfinite"),
-  ("gradvac", "layer", "segments", "normal"),
+  ("gradvac", "layer", "segments", "nonfinite"),
   ("gradvac", "tensor", "tasks", "huge"),
-  ("gradvac", "tensor", "segments", "normal"),
-  ("gradvac", STACKED, "tasks", "normal"),
-  ("gradvac", STACKED, "segments", "huge"),
-  ("pcgrad", "layer", "tasks", "normal"),
+  ("gradvac", STACKED, "segments", "normal"),
+  ("pcgrad", STACKED, "tasks", "normal"),
+  ("mgda", "tensor", "segments", "huge"),
+  ("nash_mtl", "layer", "tasks", "nonfinite"),
+  ("nash_mtl", "model", "segments", "normal"),
   ("sum_tasks", None, "segments", "normal"),
   ("mean_tasks", None, "tasks", "nonfinite"),
-  ("mgda", "layer", "segments", "huge"),
-  ("nash_mtl", "layer", "tasks", "nonfinite"),
 ]
 
 
-@pytest.mark.parametrize(("method", "granularity", "kind", "step_1"), CASES, ids=str)
+def _case_id(value) -> str:
+  return "stacked-layers" if value is STACKED else str(value)
+
+
+@pytest.mark.parametrize(("method", "granularity", "kind", "step_1"), CASES, ids=_case_id)
 def test_low_memory_path_matches_the_stacked_path(method, granularity, kind, step_1):
   make = functools.partial(METHODS[method], granularity=granularity)
   flags = {"nonfinite": step_1 == "nonfinite", "huge": step_1 == "huge"}
@@ -397,5 +397,5 @@ def test_low_memory_step_holds_one_leaf_of_per_task_gradients(num_tasks):
       return tx.update(grads_fn(params, xs, ys)[1], state, params)
 
     assert _temp_bytes(low, state, params, xs, ys) <= bound, granularity
-    if granularity == "model":
+    if num_tasks == 16:  # the bound can fail: the stacked step is far above it
       assert _temp_bytes(stacked, state, params, xs, ys) > 3 * bound
