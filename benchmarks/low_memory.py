@@ -130,6 +130,57 @@ def table(task_counts: Sequence[int], layers: int, width: int, repeats: int) -> 
   return _harness.markdown_table(header, rows)
 
 
+def mixed_table(task_counts: Sequence[int], layers: int, width: int, repeats: int) -> str:
+  """The same steps from one mixed batch (`ogv.segment_value_and_grad`, a task id per example).
+
+  There the per-task gradients cost `T` backward passes (vectorised), in each pass
+  of the low-memory step.
+  """
+  params = mlp(layers, width)
+  size = sum(leaf.size for leaf in jax.tree.leaves(params)) * 4
+
+  def example_losses(params, x, y):
+    for name in sorted(params):
+      x = jnp.tanh(x @ params[name]["kernel"] + params[name]["bias"])
+    return jnp.mean((x - y) ** 2, axis=-1)
+
+  rows = []
+  for num_tasks in task_counts:
+    x, y = (leaf.reshape(-1, width) for leaf in data(num_tasks, width))
+    task_ids = jnp.arange(x.shape[0]) % num_tasks
+    per_task = ogv.segment_value_and_grad(example_losses, num_tasks)
+    tx = ogv.gradvac(num_tasks, granularity="layer")
+    state = tx.init(params)
+    functions = {
+      "stacked": lambda s, p, tx=tx, f=per_task, i=task_ids, x=x, y=y: tx.update(
+        f(p, i, x, y)[1], s, p
+      ),
+      "low memory": lambda s, p, tx=tx, f=per_task, i=task_ids, x=x, y=y: tx.update(
+        None, s, p, task_grads_fn=lambda q: f(q, i, x, y)
+      ),
+      "plain": lambda s, p, x=x, y=y: jax.grad(lambda q: example_losses(q, x, y).sum())(p),
+    }
+    compiled = {name: jax.jit(f).lower(state, params).compile() for name, f in functions.items()}
+    temp = {name: c.memory_analysis().temp_size_in_bytes / size for name, c in compiled.items()}
+    medians = _harness.interleaved_medians(
+      {name: functools.partial(c, state, params) for name, c in compiled.items()}, repeats=repeats
+    )
+    rows.append(
+      [
+        num_tasks,
+        temp["stacked"],
+        temp["low memory"],
+        temp["plain"],
+        medians["low memory"] / medians["stacked"],
+        medians["stacked"] / medians["plain"],
+      ]
+    )
+  print(f"The same MLP from one mixed batch of {BATCH} x T examples (segment_value_and_grad)")
+  header = ["T", "stacked temp / P", "low-memory temp / P", "plain temp / P"]
+  header += ["time low / stacked", "time stacked / plain"]
+  return _harness.markdown_table(header, rows)
+
+
 def scanned_table(num_tasks: int, layers: int, width: int) -> str:
   """Scratch memory of the same MLP written with a Python loop and with `lax.scan`.
 
@@ -206,9 +257,11 @@ def main(argv: Sequence[str] | None = None) -> str:
   print(_harness.machine_line())
   if args.quick:
     text = table([2, 4], layers=3, width=16, repeats=args.repeats or 2)
+    text += "\n\n" + mixed_table([2], layers=3, width=16, repeats=args.repeats or 2)
     text += "\n\n" + scanned_table(4, layers=3, width=16)
   else:
     text = table([8, 32, 64], args.layers, args.width, repeats=args.repeats or 7)
+    text += "\n\n" + mixed_table([8, 32], args.layers, args.width, args.repeats or 5)
     text += "\n\n" + scanned_table(32, args.layers, args.width)
   print(text)
   return text
