@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_gradvac import _checks, _pytree
+from optax_gradvac import _checks, _pipeline, _pytree
 
 
 def multi_steps(
@@ -91,6 +91,12 @@ def multi_steps(
     params: optax.Params | None = None,
     **extra_args: Any,
   ) -> tuple[optax.Updates, optax.MultiStepsState]:
+    if extra_args.get(_pipeline.TASK_GRADS_FN) is not None:
+      raise ValueError(
+        "multi_steps: task_grads_fn (the low-memory path) does not apply: the accumulator "
+        "holds the stacked per-task gradients (T x P numbers) anyway. Pass each "
+        "micro-batch's stacked gradients to update."
+      )
     # optax.MultiSteps would broadcast gradients without their task axis, or
     # with a task axis of 1, against the accumulator without a word.
     _pytree.check_task_axis("multi_steps", updates, params, num_tasks)

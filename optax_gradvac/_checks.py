@@ -454,6 +454,37 @@ def check_task_batches(name: str, task_batches: Sequence[Any]) -> None:
       )
 
 
+def check_task_grads_call(name: str, updates: Any, params: Any, task_grads_fn: Any) -> None:
+  """The low-memory call ``update(None, state, params, task_grads_fn=fn)``."""
+  if not callable(task_grads_fn):
+    raise TypeError(
+      f"{name}: task_grads_fn must be a function params -> (losses, per-task gradients), "
+      f"got {_describe(task_grads_fn)}."
+    )
+  if jax.tree.leaves(updates):
+    raise ValueError(
+      f"{name}: got both gradients and task_grads_fn. With task_grads_fn the transformation "
+      "computes the per-task gradients itself: call update(None, state, params, "
+      "task_grads_fn=fn), or pass stacked gradients without task_grads_fn."
+    )
+  if params is None:
+    raise ValueError(
+      f"{name}: task_grads_fn needs the parameters: call update(None, state, params, "
+      "task_grads_fn=fn)."
+    )
+
+
+def check_task_grads_output(name: str, output: Any) -> Any:
+  """``task_grads_fn(params)`` returned ``(losses, grads)``; returns ``grads``."""
+  if not (isinstance(output, tuple | list) and len(output) == 2):
+    raise TypeError(
+      f"{name}: task_grads_fn(params) returned {_describe(output)}; it must return "
+      "(losses, per-task gradients) as ogv.task_value_and_grad and "
+      "ogv.segment_value_and_grad do."
+    )
+  return output[1]
+
+
 def check_task_ids(name: str, task_ids: Any) -> None:
   """An integer array ``[B]``: a float id would be truncated, a bool mask taken for ids 0/1."""
   dtype = getattr(task_ids, "dtype", None)

@@ -76,6 +76,32 @@ def stateless(name: str, group_weights: Callable[[jax.Array], jax.Array], **opti
   return Method(name, gram_state, weigh, **options)
 
 
+def _after(params: optax.Params, dependency: Any) -> optax.Params:
+  """``params``, equal but computed from ``dependency``: what follows waits for it.
+
+  Without this, the second call of the same gradient function on the same
+  parameters is a copy of the first that XLA merges into it (common
+  subexpression elimination), which keeps every gradient alive until the
+  weighted sum. An optimization barrier alone is not enough: XLA:CPU removes
+  barriers before it merges. So the parameters are also multiplied by a one that
+  XLA cannot prove to be one: ``1 + min(|s|, 0)`` with ``s`` a sum of
+  ``dependency`` (a NaN ``s`` mapped to 0). Multiplying by one changes no value.
+  """
+  params, dependency = jax.lax.optimization_barrier((params, dependency))
+  total = sum(jnp.sum(leaf.astype(jnp.float32)) for leaf in jax.tree.leaves(dependency))
+  one = 1 + jnp.where(jnp.isnan(total), 0, jnp.minimum(jnp.abs(total), 0))
+
+  def multiplied(param: jax.Array) -> jax.Array:
+    if not jnp.issubdtype(param.dtype, jnp.floating):
+      return param
+    return param * one.astype(param.dtype)
+
+  return jax.tree.map(multiplied, params)
+
+
+TASK_GRADS_FN = "task_grads_fn"  # the extra argument of update that selects the low-memory path
+
+
 def gram_transformation(
   method: Method, num_tasks: int, granularity: _pytree.Granularity
 ) -> optax.GradientTransformationExtraArgs:
@@ -87,6 +113,14 @@ def gram_transformation(
   NaN or inf, the update is ``method.fallback`` times the sum and the state is
   unchanged; finite gradients whose squares overflow are rescaled by a power of
   two first, which changes no result.
+
+  With ``update(None, state, params, task_grads_fn=fn)``, the two passes each
+  compute the gradients ``fn(params)[1]`` afresh (the low-memory path): the
+  first reduces every leaf to its Gram matrix as soon as it exists, the second
+  to its weighted sum, so the ``T x P`` stacked gradients never exist at once.
+  The second pass reads ``params`` computed from the weights (:func:`_after`), so
+  XLA can neither start it early nor merge the two identical computations into
+  one. sum_tasks and mean_tasks need one pass only.
   """
   _checks.check_num_tasks(method.name, num_tasks)
   _pytree.check_granularity(granularity)
@@ -99,17 +133,40 @@ def gram_transformation(
     ]
     return method.init(len(names), num_tasks, _pytree.compute_dtype(floating))
 
+  def task_gradients(
+    updates: optax.Updates, params: optax.Params | None, task_grads_fn: Any
+  ) -> tuple[Any, Callable[[Any], list[jax.Array]]]:
+    """The gradient tree (for its structure), and ``leaves_after`` for the passes."""
+    if task_grads_fn is None:
+      leaves, _ = _pytree.check_task_axis(method.name, updates, params, num_tasks)
+      return updates, lambda dependency: leaves
+    _checks.check_task_grads_call(method.name, updates, params, task_grads_fn)
+
+    def computed(dependency: Any) -> Any:
+      inputs = params if dependency is None else _after(params, dependency)
+      grads = _checks.check_task_grads_output(method.name, task_grads_fn(inputs))
+      _pytree.check_task_axis(method.name, grads, params, num_tasks)
+      return grads
+
+    grads = computed(None)
+    first = jax.tree.leaves(grads)
+
+    def leaves_after(dependency: Any) -> list[jax.Array]:
+      return first if dependency is None else jax.tree.leaves(computed(dependency))
+
+    return grads, leaves_after
+
   def update_fn(
     updates: optax.Updates,
     state: State,
     params: optax.Params | None = None,
     **extra_args: Any,
   ) -> tuple[optax.Updates, State]:
-    del extra_args
-    leaves, _ = _pytree.check_task_axis(method.name, updates, params, num_tasks)
+    tree, leaves_after = task_gradients(updates, params, extra_args.get(TASK_GRADS_FN))
     expected = jax.eval_shape(lambda: method.init(1, num_tasks, jnp.dtype(jnp.float32)))
     _checks.check_state(method.name, state, expected)
-    names, groups = _pytree.leaf_groups(updates, granularity, task_axis=True)
+    leaves = leaves_after(None)
+    names, groups = _pytree.leaf_groups(tree, granularity, task_axis=True)
     if len(names) != state.cosine.shape[0]:
       raise ValueError(
         f"{method.name}: the gradients form {len(names)} groups under granularity "
@@ -117,10 +174,10 @@ def gram_transformation(
         "init and update must see trees with the same paths."
       )
     if not leaves:
-      return updates, state
+      return tree, state
 
     dtype = _pytree.compute_dtype([*leaves, state.cosine])
-    gram, scale = _pytree.scaled_gram_matrices(leaves, groups, len(names), dtype)
+    gram, scale = _pytree.scaled_gram_matrices(leaves_after, groups, len(names), dtype)
     weights, new_state = method.weigh(gram, state)
     if not method.homogeneous:
       # The weights are those of the gradients divided by `scale`.
@@ -136,8 +193,9 @@ def gram_transformation(
     )
     new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
     reduced = [
-      _pytree.weighted_sum(leaf, weights, group) for leaf, group in zip(leaves, groups, strict=True)
+      _pytree.weighted_sum(leaf, weights, group)
+      for leaf, group in zip(leaves_after(weights), groups, strict=True)
     ]
-    return jax.tree.unflatten(jax.tree.structure(updates), reduced), new_state
+    return jax.tree.unflatten(jax.tree.structure(tree), reduced), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

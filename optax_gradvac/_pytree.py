@@ -286,33 +286,43 @@ def gram_matrices(
 
 
 def scaled_gram_matrices(
-  leaves: Sequence[jax.Array], groups: Sequence[Group], num_groups: int, dtype: jnp.dtype
+  leaves_after: Callable[[Any], Sequence[jax.Array]],
+  groups: Sequence[Group],
+  num_groups: int,
+  dtype: jnp.dtype,
 ) -> tuple[jax.Array, jax.Array]:
   """:func:`gram_matrices`, of the gradients divided by a power of two if need be.
 
   A finite gradient whose squared norm overflows ``dtype`` (entries around 1e19
-  in float32) gives an infinite Gram diagonal. Only then (``lax.cond``: a third
-  pass over the gradients in that rare case alone) the Gram matrices are built
+  in float32) gives an infinite Gram diagonal. Only then (``lax.cond``: more
+  passes over the gradients in that rare case alone) the Gram matrices are built
   again from every leaf divided by ``scale``, the power of two just above half
   the largest magnitude, which is exact. Gradients with a NaN or inf entry keep
   a non-finite diagonal.
+
+  ``leaves_after(dependency)`` gives the gradient leaves, computed after
+  ``dependency`` is known: the stacked gradients themselves, or (on the
+  low-memory path) the gradients computed again, so that no pass needs all of
+  them at once.
 
   Returns:
     ``(gram, scale)``: the Gram matrices of the gradients divided by ``scale``
     (a scalar of ``dtype``, 1 unless they overflowed).
   """
-  gram = gram_matrices(leaves, groups, num_groups, dtype)
+  gram = gram_matrices(leaves_after(None), groups, num_groups, dtype)
   one = jnp.ones([], dtype)
 
-  def rescaled(leaves: Sequence[jax.Array]) -> tuple[jax.Array, jax.Array]:
-    largest = jnp.max(jnp.stack([jnp.max(jnp.abs(leaf)).astype(dtype) for leaf in leaves]))
+  def rescaled() -> tuple[jax.Array, jax.Array]:
+    largest = jnp.max(
+      jnp.stack([jnp.max(jnp.abs(leaf)).astype(dtype) for leaf in leaves_after(gram)])
+    )
     usable = jnp.isfinite(largest) & (largest > 0)
     exponent = jnp.frexp(jnp.where(usable, largest, one))[1] - 1
-    scaled = [jnp.ldexp(leaf, (-exponent).astype(jnp.int32)) for leaf in leaves]
+    scaled = [jnp.ldexp(leaf, (-exponent).astype(jnp.int32)) for leaf in leaves_after(exponent)]
     return gram_matrices(scaled, groups, num_groups, dtype), jnp.ldexp(one, exponent)
 
   finite = jnp.all(jnp.isfinite(jnp.diagonal(gram, axis1=1, axis2=2)))
-  return jax.lax.cond(finite, lambda _: (gram, one), rescaled, list(leaves))
+  return jax.lax.cond(finite, lambda: (gram, one), rescaled)
 
 
 def weighted_sum(leaf: jax.Array, weights: jax.Array, group: Group) -> jax.Array:

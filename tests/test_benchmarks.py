@@ -20,7 +20,9 @@ def load(name: str) -> ModuleType:
   return module
 
 
-@pytest.mark.parametrize("name", ["transform", "train_step", "compile_memory", "peers"])
+@pytest.mark.parametrize(
+  "name", ["transform", "train_step", "compile_memory", "peers", "low_memory"]
+)
 def test_quick_run_prints_a_table(name: str, capsys: pytest.CaptureFixture[str]) -> None:
   if name == "peers":
     pytest.importorskip("torchjd")

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_gradvac import _checks, _pytree
+from optax_gradvac import _checks, _pipeline, _pytree
 
 
 def _reduce_tasks(
@@ -26,7 +26,11 @@ def _reduce_tasks(
     params: optax.Params | None = None,
     **extra_args: Any,
   ) -> tuple[optax.Updates, optax.EmptyState]:
-    del extra_args
+    task_grads_fn = extra_args.get(_pipeline.TASK_GRADS_FN)
+    if task_grads_fn is not None:
+      # One pass: each leaf's per-task gradients are summed as soon as they exist.
+      _checks.check_task_grads_call(name, updates, params, task_grads_fn)
+      updates = _checks.check_task_grads_output(name, task_grads_fn(params))
     leaves, tasks = _pytree.check_task_axis(name, updates, params, num_tasks)
     if not leaves:
       return updates, state

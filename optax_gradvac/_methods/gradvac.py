@@ -204,6 +204,16 @@ def gradvac(
   ``lax.scan`` of ``T - 1`` rounds. Compatible with ``jit``, ``vmap``,
   sharding and ``optax.inject_hyperparams(gradvac, static_args=("num_tasks",))``.
 
+  Low memory: ``update(None, state, params, task_grads_fn=fn)``, with
+  ``fn(params) -> (losses, stacked per-task gradients)`` (e.g. ``lambda p:
+  task_value_and_grad(loss)(p, xs, ys)``), computes the gradients itself, twice:
+  each leaf's ``[T, ...]`` gradients are reduced to their Gram matrix, then
+  (second pass) to the update, as soon as they exist. Same updates and states
+  as the stacked input; about ``T x`` the largest leaf of memory instead of
+  ``T x`` all parameters, for two backward passes instead of one. Every
+  Gram-based transformation of the library takes it; ``optax.chain`` and
+  ``nnx.Optimizer.update`` pass it on.
+
   Special inputs: a task whose gradient is exactly zero in a group (e.g. a task
   absent from the batch) takes no part in that group's surgery and keeps its
   targets. If any gradient entry is NaN or inf, the update is the plain sum
@@ -257,6 +267,20 @@ def gradvac(
     >>> print(optax.tree.get(state, "targets")[0])  # EMA of the cosines
     [[ 0.         -0.35355338]
      [-0.35355338  0.        ]]
+
+    The low-memory path computes the per-task gradients itself:
+
+    >>> def loss(params, x):
+    ...   return jnp.sum(params["w"] * x)
+    >>> xs = jnp.array([[1.0, 0.0], [-1.0, 1.0]])  # one row per task
+    >>> task_grads_fn = lambda p: ogv.task_value_and_grad(loss)(p, xs)
+    >>> tx = ogv.gradvac(num_tasks=2, beta=0.5)
+    >>> @jax.jit
+    ... def step(state, params):
+    ...   return tx.update(None, state, params, task_grads_fn=task_grads_fn)
+    >>> updates, _ = step(tx.init(params), params)
+    >>> print(updates["w"])  # the same gradients as above
+    [0.5 1.5]
 
   References:
     Wang et al, `Gradient Vaccine: Investigating and Improving Multi-task
