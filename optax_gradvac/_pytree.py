@@ -243,6 +243,40 @@ def _has_explicit_axes(leaf: jax.Array) -> bool:
   return bool(jax.typeof(leaf).sharding.mesh.explicit_axes)
 
 
+def _may_be_sharded(leaf: jax.Array) -> bool:
+  """Whether ``leaf`` may be split over devices: more than one device, or a mesh."""
+  return jax.device_count() > 1 or not jax.typeof(leaf).sharding.mesh.empty
+
+
+def _spread_task_axis(leaf: jax.Array) -> jax.Array:
+  """``leaf``, moved from sharding its task axis to sharding a parameter axis.
+
+  Under Explicit axes, a stacked gradient whose task axis is split over devices
+  (task-sharded batches) would make the Gram contraction and the weighted sum
+  gather the whole ``[T, ...]`` leaf on every device. Moving the task axis's
+  mesh axes onto a parameter axis (one all-to-all) lets both contract their
+  shards and reduce only ``[T, T]`` Gram matrices. The parameter axis is the
+  last one that is not sharded yet and that the mesh axes divide; a leaf with
+  none is left as it is.
+  """
+  if not _has_explicit_axes(leaf):
+    return leaf
+  sharding = jax.typeof(leaf).sharding
+  spec = tuple(sharding.spec) + (None,) * (leaf.ndim - len(sharding.spec))
+  if not spec or spec[0] is None:
+    return leaf
+  names = spec[0] if isinstance(spec[0], tuple) else (spec[0],)
+  size = 1
+  for name in names:
+    size *= sharding.mesh.shape[name]
+  for axis in reversed(range(1, leaf.ndim)):
+    if spec[axis] is None and leaf.shape[axis] % size == 0:
+      moved = [None, *spec[1:]]
+      moved[axis] = spec[0]
+      return jax.sharding.reshard(leaf, PartitionSpec(*moved))
+  return leaf
+
+
 def gram_matrices(
   leaves: Sequence[jax.Array], groups: Sequence[Group], num_groups: int, dtype: jnp.dtype
 ) -> jax.Array:
@@ -257,12 +291,15 @@ def gram_matrices(
   grams = [jnp.zeros((num_tasks, num_tasks), dtype) for _ in range(num_groups)]
   for leaf, group in zip(leaves, groups, strict=True):
     batch = (1,) if isinstance(group, tuple) else ()
-    if _has_explicit_axes(leaf):
-      # A reshape cannot always express an Explicit sharding, so contract the
-      # axes in place and name the (replicated) output sharding, as required
-      # when the contracted axes are sharded.
+    leaf = _spread_task_axis(leaf)
+    if _may_be_sharded(leaf):
+      # Contract the axes in place: a [T, -1] reshape of a leaf sharded on a
+      # non-leading axis makes XLA all-gather the whole stacked leaf on every
+      # device (Auto axes), and cannot always express an Explicit sharding.
+      # Under Explicit axes, name the (replicated) output sharding, as
+      # required when the contracted axes are sharded.
       axes = tuple(range(1 + len(batch), leaf.ndim))
-      out_sharding = PartitionSpec()
+      out_sharding = PartitionSpec() if _has_explicit_axes(leaf) else None
     else:
       # A [T, P] view: contracting several axes at once made XLA:CPU copy the
       # whole leaf into a transposed layout first (2-3x slower, and as much
@@ -339,9 +376,12 @@ def weighted_sum(leaf: jax.Array, weights: jax.Array, group: Group) -> jax.Array
   else:
     dimensions = (((0,), (0,)), ((), ()))
     weights = weights[group]
+  spread = _spread_task_axis(leaf)
   total = jax.lax.dot_general(
-    weights, leaf, dimensions, precision=_PRECISION, preferred_element_type=weights.dtype
+    weights, spread, dimensions, precision=_PRECISION, preferred_element_type=weights.dtype
   )
+  if spread is not leaf:  # back to the parameter's sharding
+    total = jax.sharding.reshard(total, PartitionSpec(*jax.typeof(leaf).sharding.spec[1:]))
   return total.astype(leaf.dtype)
 
 
