@@ -42,6 +42,7 @@ exclude_patterns = [
   "_build",
   # Written by the multilingual example; included by guides/multilingual.md.
   "multilingual/results.md",
+  "multilingual/other_set/results.md",
   "**.ipynb_checkpoints",
 ]
 templates_path = ["_templates"]
