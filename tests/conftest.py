@@ -23,3 +23,7 @@ settings.register_profile(
   print_blob=True,
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+
+# Scripts that the sharding tests run in subprocesses with 8 host devices: importing
+# them (as --doctest-modules would) sets XLA_FLAGS for the whole test process.
+collect_ignore = ["sharding_check.py", "sharding_memory_check.py"]
