@@ -167,13 +167,11 @@ def compile_step(
     return jax.jit(step, donate_argnums=(0, 1)).lower(params, opt_state, data, data).compile()
 
 
-def measure(
+def compile_both(
   layout: str, axis_type: AxisType, *, num_tasks: int, num_layers: int, width: int, batch: int
-) -> dict[str, Any]:
-  """Temp (units of T P / D) and largest collectives of both steps."""
-  num_params = num_layers * (width * width + width)
-  unit = num_tasks * num_params * 4 / 8
-  result: dict[str, Any] = {}
+) -> dict[str, dict[str, Any]]:
+  """Per-device temp bytes and largest collectives of the stacked and the plain step."""
+  result = {}
   for kind in ("stacked", "plain"):
     compiled = compile_step(
       kind,
@@ -185,10 +183,22 @@ def measure(
       batch=batch,
     )
     result[kind] = {
-      "temp": compiled.memory_analysis().temp_size_in_bytes / unit,
+      "temp_bytes": compiled.memory_analysis().temp_size_in_bytes,
       **largest_collectives(compiled.as_text()),
     }
   return result
+
+
+def measure(
+  layout: str, axis_type: AxisType, *, num_tasks: int, num_layers: int, width: int, batch: int
+) -> dict[str, Any]:
+  """Temp (units of T P / D) and largest collectives of both steps."""
+  num_params = num_layers * (width * width + width)
+  unit = num_tasks * num_params * 4 / 8
+  steps = compile_both(
+    layout, axis_type, num_tasks=num_tasks, num_layers=num_layers, width=width, batch=batch
+  )
+  return {kind: {"temp": step.pop("temp_bytes") / unit, **step} for kind, step in steps.items()}
 
 
 def main(argv: Sequence[str] | None = None) -> str:

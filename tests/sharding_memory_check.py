@@ -28,9 +28,8 @@ def main() -> None:
   for layout in ("fsdp", "task"):
     for axis_type in (AxisType.Auto, AxisType.Explicit):
       report = {"layout": layout, "mode": axis_type.name}
-      for kind in ("stacked", "plain"):
-        compiled = sharding.compile_step(
-          kind,
+      report.update(
+        sharding.compile_both(
           layout,
           axis_type,
           num_tasks=NUM_TASKS,
@@ -38,10 +37,7 @@ def main() -> None:
           width=WIDTH,
           batch=BATCH,
         )
-        report[kind] = {
-          "temp_bytes": compiled.memory_analysis().temp_size_in_bytes,
-          **sharding.largest_collectives(compiled.as_text()),
-        }
+      )
       report.update(
         num_tasks=NUM_TASKS,
         devices=jax.device_count(),
