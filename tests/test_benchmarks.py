@@ -21,7 +21,7 @@ def load(name: str) -> ModuleType:
 
 
 @pytest.mark.parametrize(
-  "name", ["transform", "train_step", "compile_memory", "peers", "low_memory"]
+  "name", ["transform", "train_step", "compile_memory", "peers", "low_memory", "accelerator"]
 )
 def test_quick_run_prints_a_table(name: str, capsys: pytest.CaptureFixture[str]) -> None:
   if name == "peers":
