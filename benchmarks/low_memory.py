@@ -32,6 +32,7 @@ import _harness
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 import optax_gradvac as ogv
 
@@ -229,6 +230,98 @@ def scanned_table(num_tasks: int, layers: int, width: int) -> str:
   return _harness.markdown_table(["model", "T", "stacked", "low memory", "plain"], rows)
 
 
+def embedding_table(num_tasks: int, vocab: int, width: int, layers: int) -> str:
+  """Scratch memory of a language model whose embedding and readout are its largest leaves.
+
+  Tokens ``[T, 8, 17]``, an embedding ``[vocab, width]``, ``layers`` residual MLP
+  blocks (``width x 4 width`` and back), a readout ``[width, vocab]``; compiled
+  only. Five steps, each ending in Adam: the plain gradient of the summed loss;
+  GradVac on every leaf (stacked, and low-memory); GradVac on the blocks with
+  ``sum_tasks`` on the embedding and readout (``optax.partition``: their stacked
+  gradients are still formed); and GradVac on the blocks with one gradient of the
+  summed loss for the embedding and readout (``optax.identity`` in their
+  partition: no per-task gradient of them exists).
+  """
+  rng = np.random.default_rng(0)
+
+  def normal(*shape: int) -> jax.Array:
+    return jnp.asarray(0.02 * rng.normal(size=shape), jnp.float32)
+
+  blocks = {
+    f"block_{i}": {"up": normal(width, 4 * width), "down": normal(4 * width, width)}
+    for i in range(layers)
+  }
+  params = {"embed": normal(vocab, width), "readout": normal(width, vocab), **blocks}
+
+  def loss(params, tokens):
+    x = params["embed"][tokens[:, :-1]]
+    for i in range(layers):
+      block = params[f"block_{i}"]
+      x = x + jnp.tanh(x @ block["up"]) @ block["down"]
+    logits = x @ params["readout"]
+    return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+
+  def summed(params, tokens):
+    return jax.vmap(loss, (None, 0))(params, tokens).sum()
+
+  tokens = jnp.asarray(rng.integers(0, vocab, (num_tasks, 8, 17)), jnp.int32)
+  per_task = ogv.task_value_and_grad(loss)
+  adam = optax.adam(1e-3)
+  gradvac = optax.chain(ogv.gradvac(num_tasks), adam)
+  labels = {name: "tasks" if name.startswith("block") else "shared" for name in params}
+
+  def partitioned(shared: optax.GradientTransformation) -> optax.GradientTransformation:
+    return optax.chain(
+      optax.partition({"tasks": ogv.gradvac(num_tasks), "shared": shared}, labels), adam
+    )
+
+  def stacked(params, state, tx):
+    return tx.update(per_task(params, tokens)[1], state, params)
+
+  def low(params, state, tx):
+    return tx.update(None, state, params, task_grads_fn=lambda p: per_task(p, tokens))
+
+  def plain(params, state, tx):
+    return tx.update(jax.grad(summed)(params, tokens), state, params)
+
+  def split(params, state, tx):
+    shared = {name: params[name] for name in ("embed", "readout")}
+    blocks = {name: leaf for name, leaf in params.items() if name not in shared}
+    block_loss = lambda blocks, tokens: loss({**blocks, **shared}, tokens)  # noqa: E731
+    task_grads = ogv.task_value_and_grad(block_loss)(blocks, tokens)[1]
+    shared_grads = jax.grad(lambda shared: summed({**blocks, **shared}, tokens))(shared)
+    return tx.update({**task_grads, **shared_grads}, state, params)
+
+  cases = [
+    ("plain gradient of the summed loss", adam, plain),
+    ("gradvac, every leaf, stacked", gradvac, stacked),
+    ("gradvac, every leaf, low memory", gradvac, low),
+    (
+      "gradvac on blocks, sum_tasks on embedding and readout",
+      partitioned(ogv.sum_tasks(num_tasks)),
+      stacked,
+    ),
+    (
+      "gradvac on blocks, one gradient for embedding and readout",
+      partitioned(optax.identity()),
+      split,
+    ),
+  ]
+  size = sum(leaf.size for leaf in jax.tree.leaves(params))
+  largest = vocab * width
+  rows = []
+  for name, tx, step in cases:
+    fn = functools.partial(step, tx=tx)
+    compiled = jax.jit(fn).lower(params, tx.init(params)).compile()
+    temp = compiled.memory_analysis().temp_size_in_bytes / 4
+    rows.append([name, temp / size, temp / (num_tasks * largest)])
+  print(
+    f"A language model, T = {num_tasks}: vocabulary {vocab}, width {width}, {layers} blocks "
+    f"(P = {size:,}, embedding and readout {largest:,} each); scratch memory"
+  )
+  return _harness.markdown_table(["step", "temp / P", "temp / (T x embedding)"], rows)
+
+
 def rss(mode: str, num_tasks: int, layers: int, width: int) -> None:
   params = mlp(layers, width)
   step = steps(num_tasks)
@@ -259,10 +352,12 @@ def main(argv: Sequence[str] | None = None) -> str:
     text = table([2, 4], layers=3, width=16, repeats=args.repeats or 2)
     text += "\n\n" + mixed_table([2], layers=3, width=16, repeats=args.repeats or 2)
     text += "\n\n" + scanned_table(4, layers=3, width=16)
+    text += "\n\n" + embedding_table(2, vocab=64, width=8, layers=1)
   else:
     text = table([8, 32, 64], args.layers, args.width, repeats=args.repeats or 7)
     text += "\n\n" + mixed_table([8, 32], args.layers, args.width, args.repeats or 5)
     text += "\n\n" + scanned_table(32, args.layers, args.width)
+    text += "\n\n" + embedding_table(16, vocab=16384, width=256, layers=4)
   print(text)
   return text
 
