@@ -55,8 +55,8 @@ _XFAIL = {
 
 @pytest.fixture(scope="module")
 def reports() -> dict[tuple[str, str, str], dict]:
-  # A subprocess, so that this process keeps its single device. One for the whole
-  # module, so that pytest-xdist workers do not each start it.
+  # A subprocess, so that this process keeps its single device; once per module
+  # (about 80 s on 2 cores), in each pytest-xdist worker that runs one of its tests.
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   result = subprocess.run(
     [sys.executable, str(_SCRIPT)], capture_output=True, text=True, env=env, timeout=1200
