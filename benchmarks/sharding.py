@@ -1,15 +1,20 @@
 """Per-device memory and collectives of a sharded GradVac step, on 8 host devices.
 
-For each layout and axis type (Auto, Explicit) this compiles two training steps
-of an MLP of ``L`` dense ``d x d`` layers (with biases), ``T`` tasks:
+For each layout and axis type (Auto, Explicit) this compiles three training
+steps of an MLP of ``L`` dense ``d x d`` layers (with biases), ``T`` tasks:
 
 - the stacked step: per-task gradients by ``ogv.task_value_and_grad``, then
   ``ogv.gradvac(T, granularity="layer")`` and Adam;
+- the low-memory step: the same transformation, given the function instead of
+  the gradients (``tx.update(None, ..., task_grads_fn=...)``), which computes
+  them twice, once reduced to Gram matrices and once to the update;
 - the plain step: the gradient of the summed task losses, then Adam;
 
 and prints XLA's per-device scratch (``memory_analysis().temp_size_in_bytes``)
-in units of ``T * P / D`` floats (``P`` parameters, ``D = 8`` devices) and the
-largest result, in elements, of each kind of collective in the compiled HLO.
+in units of ``T * P / D`` floats (``P`` parameters, ``D = 8`` devices), the
+low-memory step's bound ``plain + 1.3 T (largest leaf) / D`` in the same unit,
+and the largest result, in elements, of each kind of collective in the compiled
+HLO.
 
 Layouts, on a one-axis mesh of 8 devices:
 
@@ -109,6 +114,19 @@ def stacked_step(loss: Any, num_tasks: int) -> Any:
   return tx, step
 
 
+def low_memory_step(loss: Any, num_tasks: int) -> Any:
+  """The stacked step's transformation on the low-memory path: it computes the gradients."""
+  tx = optax.chain(ogv.gradvac(num_tasks, granularity="layer"), optax.adam(1e-3))
+  per_task = ogv.task_value_and_grad(loss)
+
+  def step(params: Any, opt_state: Any, x: jax.Array, y: jax.Array) -> Any:
+    grads_fn = lambda params: per_task(params, x, y)  # noqa: E731
+    updates, opt_state = tx.update(None, opt_state, params, task_grads_fn=grads_fn)
+    return optax.apply_updates(params, updates), opt_state
+
+  return tx, step
+
+
 def plain_step(loss: Any) -> Any:
   tx = optax.adam(1e-3)
 
@@ -145,7 +163,7 @@ def compile_step(
   width: int,
   batch: int,
 ) -> Any:
-  """The compiled ``kind`` ("stacked" or "plain") step of ``layout`` on a fresh mesh."""
+  """The compiled ``kind`` ("stacked", "low" or "plain") step of ``layout`` on a fresh mesh."""
   mesh = jax.make_mesh((8,), (AXIS,), axis_types=(axis_type,))
   specs = param_specs(layout, num_layers)
   shapes = {name: {"kernel": (width, width), "bias": (width,)} for name in specs}
@@ -162,17 +180,29 @@ def compile_step(
       (num_tasks, batch, width), jnp.float32, sharding=NamedSharding(mesh, batch_spec(layout))
     )
     loss = make_loss(layout, specs, axis_type == AxisType.Explicit)
-    tx, step = stacked_step(loss, num_tasks) if kind == "stacked" else plain_step(loss)
+    if kind == "stacked":
+      tx, step = stacked_step(loss, num_tasks)
+    elif kind == "low":
+      tx, step = low_memory_step(loss, num_tasks)
+    else:
+      tx, step = plain_step(loss)
     opt_state = jax.eval_shape(tx.init, params)
     return jax.jit(step, donate_argnums=(0, 1)).lower(params, opt_state, data, data).compile()
 
 
 def compile_both(
-  layout: str, axis_type: AxisType, *, num_tasks: int, num_layers: int, width: int, batch: int
+  layout: str,
+  axis_type: AxisType,
+  *,
+  num_tasks: int,
+  num_layers: int,
+  width: int,
+  batch: int,
+  kinds: Sequence[str] = ("stacked", "plain"),
 ) -> dict[str, dict[str, Any]]:
-  """Per-device temp bytes and largest collectives of the stacked and the plain step."""
+  """Per-device temp bytes and largest collectives of each step in ``kinds``."""
   result = {}
-  for kind in ("stacked", "plain"):
+  for kind in kinds:
     compiled = compile_step(
       kind,
       layout,
@@ -189,14 +219,23 @@ def compile_both(
   return result
 
 
+KINDS = ("stacked", "low", "plain")
+
+
 def measure(
   layout: str, axis_type: AxisType, *, num_tasks: int, num_layers: int, width: int, batch: int
 ) -> dict[str, Any]:
-  """Temp (units of T P / D) and largest collectives of both steps."""
+  """Temp (units of T P / D) and largest collectives of the three steps."""
   num_params = num_layers * (width * width + width)
   unit = num_tasks * num_params * 4 / 8
   steps = compile_both(
-    layout, axis_type, num_tasks=num_tasks, num_layers=num_layers, width=width, batch=batch
+    layout,
+    axis_type,
+    num_tasks=num_tasks,
+    num_layers=num_layers,
+    width=width,
+    batch=batch,
+    kinds=KINDS,
   )
   return {kind: {"temp": step.pop("temp_bytes") / unit, **step} for kind, step in steps.items()}
 
@@ -210,16 +249,20 @@ def main(argv: Sequence[str] | None = None) -> str:
     f"{width}x{width} layers, batch {batch} per task; temp in T P / D, collectives in elements"
   )
   print(_harness.machine_line())
-  header = ["layout", "axes", "temp stacked", "temp plain"]
-  header += [f"{op} stacked / plain" for op in COLLECTIVES]
+  # The low-memory step's bound, plain + 1.3 T (largest leaf) / D, above the plain
+  # step's temp in units of T P / D: 1.3 (largest leaf) / (P / D) * D / D.
+  margin = 1.3 * width * width / (num_layers * (width * width + width))
+  header = ["layout", "axes", "temp stacked", "temp low", "temp plain", "low bound"]
+  header += [f"{op} stacked / low / plain" for op in COLLECTIVES]
   rows = []
   for layout in LAYOUTS:
     for axis_type in (AxisType.Auto, AxisType.Explicit):
       result = measure(
         layout, axis_type, num_tasks=num_tasks, num_layers=num_layers, width=width, batch=batch
       )
-      row = [layout, axis_type.name, result["stacked"]["temp"], result["plain"]["temp"]]
-      row += [f"{result['stacked'][op]:,} / {result['plain'][op]:,}" for op in COLLECTIVES]
+      row = [layout, axis_type.name, *(result[kind]["temp"] for kind in KINDS)]
+      row.append(result["plain"]["temp"] + margin)
+      row += [" / ".join(f"{result[kind][op]:,}" for kind in KINDS) for op in COLLECTIVES]
       rows.append(row)
   table = _harness.markdown_table(header, rows)
   print(table, flush=True)

@@ -26,4 +26,8 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 # Scripts that the sharding tests run in subprocesses with 8 host devices: importing
 # them (as --doctest-modules would) sets XLA_FLAGS for the whole test process.
-collect_ignore = ["sharding_check.py", "sharding_memory_check.py"]
+collect_ignore = [
+  "sharding_check.py",
+  "sharding_memory_check.py",
+  "sharding_low_memory_check.py",
+]
