@@ -34,9 +34,10 @@ def task_value_and_grad(
   Each gradient leaf is split along the last parameter axis that the number of
   shards divides, preferring one that the parameter already shards over
   ``batch_axis`` (so FSDP gradients match their parameters), then one that it
-  does not shard at all; a leaf with no such axis is all-reduced. Under
-  Explicit axes the updates of :func:`gradvac` come back in the parameters'
-  sharding.
+  does not shard at all; a leaf with no such axis is all-reduced, and so is,
+  under Explicit axes, one whose parameter is sharded over another mesh axis
+  (jax 0.10's ``psum_scatter`` rejects it). Under Explicit axes the updates of
+  :func:`gradvac` come back in the parameters' sharding.
 
   The sharded function equals the unsharded one (to float rounding) when the
   loss of a task is a mean over its examples (any per-example loss, averaged),
@@ -134,6 +135,10 @@ def _scatter_axis(param: Any, axes: tuple[str, ...], shards: int) -> int | None:
   """
   shape = np.shape(param)
   spec = _explicit_spec(param) or (None,) * len(shape)
+  if any(set(_names(entry)) - set(axes) for entry in spec):
+    # jax 0.10's psum_scatter fails on a leaf with an Explicit sharding over
+    # another mesh axis: all-reduce it (it is split over that axis already).
+    return None
   divisible = [dim for dim in reversed(range(len(shape))) if shape[dim] % shards == 0]
   for dim in divisible:
     if set(_names(spec[dim])) & set(axes):
@@ -142,14 +147,13 @@ def _scatter_axis(param: Any, axes: tuple[str, ...], shards: int) -> int | None:
 
 
 def _local(leaf: Any, axes: tuple[str, ...], batch: bool) -> Any:
-  """``leaf`` resharded as ``jax.shard_map`` over ``axes`` takes it, under Explicit axes.
+  """``leaf`` resharded as ``jax.shard_map`` over Explicit ``axes`` takes it.
 
   The parameters whole over ``axes`` (FSDP ones gathered), the batches split
-  along axis 1; sharding over other mesh axes is kept.
+  along axis 1; sharding over other mesh axes is kept. A leaf placed outside
+  the mesh counts as replicated.
   """
-  spec = _explicit_spec(leaf)
-  if spec is None:
-    return leaf
+  spec = _explicit_spec(leaf) or (None,) * np.ndim(leaf)
   local = [_entry([name for name in _names(entry) if name not in axes]) for entry in spec]
   if batch:
     local[1] = _entry(axes)
@@ -166,12 +170,15 @@ def _reduce_scattered(
   entry = _entry(axes)
 
   def sharded(params: Any, *task_batches: Any) -> tuple[Any, Any]:
-    shards = _checks.check_batch_mesh(name, jax.sharding.get_abstract_mesh(), axes)
+    mesh = jax.sharding.get_abstract_mesh()
+    shards = _checks.check_batch_mesh(name, mesh, axes)
     _checks.check_sharded_batches(name, task_batches, axes, shards)
     param_leaves, structure = jax.tree.flatten(params)
     dims = [_scatter_axis(param, axes, shards) for param in param_leaves]
-    params = jax.tree.map(lambda leaf: _local(leaf, axes, batch=False), params)
-    task_batches = jax.tree.map(lambda leaf: _local(leaf, axes, batch=True), task_batches)
+    if set(axes) & set(mesh.explicit_axes):
+      # shard_map takes Explicit inputs only in the sharding its in_specs name.
+      params = jax.tree.map(lambda leaf: _local(leaf, axes, batch=False), params)
+      task_batches = jax.tree.map(lambda leaf: _local(leaf, axes, batch=True), task_batches)
 
     def reduce(grad: jax.Array, dim: int | None) -> jax.Array:
       # The gradient of a mean over B examples is the mean of the S shards'.

@@ -12,7 +12,9 @@ axis, under Auto and Explicit axes, it prints one JSON object per line:
   and two ``gradvac`` steps with ``optax.apply_updates`` between them, on the
   stacked and on the low-memory path, against the stacked path on one device:
   the largest error relative to each leaf's largest magnitude, and whether the
-  updated parameters kept their sharding.
+  updated parameters kept their sharding. The ``data`` reports add a mesh of two
+  axes (batches split over ``data``, tensor-parallel parameters over ``model``),
+  and an unjitted call on arrays placed off the mesh, the batch split over both.
 - ``"check": "memory"``: the stacked, low-memory and plain steps (with Adam)
   of ``benchmarks/sharding.py``, the first two with ``batch_axis``, compiled
   only: temporary bytes per device, the number of reduce-scatters and the
@@ -40,6 +42,7 @@ import numpy as np
 import optax
 import sharding
 from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import optax_gradvac as ogv
 
@@ -160,6 +163,40 @@ def check_values(layout: str, axis_type: AxisType) -> dict:
   }
 
 
+def _tensor_parallel_loss(params, x, y) -> jax.Array:
+  """Column-parallel then row-parallel layer (its output named replicated on a mesh)."""
+  hidden = jnp.tanh(x @ params["up"])
+  if jax.sharding.get_abstract_mesh().empty:
+    return jnp.mean((hidden @ params["down"] - y) ** 2)
+  return jnp.mean((jnp.matmul(hidden, params["down"], out_sharding=P()) - y) ** 2)
+
+
+def check_other_meshes(axis_type: AxisType) -> dict:
+  """Two mesh axes (data x model, tensor-parallel parameters), and arrays placed off the mesh."""
+  params, x, y = _problem()
+  params = {"up": params["dense_0"]["kernel"], "down": params["dense_1"]["kernel"]}
+  reference = jax.vmap(jax.value_and_grad(_tensor_parallel_loss), in_axes=(None, 0, 0))(
+    params, x, y
+  )
+  mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(axis_type,) * 2)
+  with jax.set_mesh(mesh):
+    placed = {
+      "up": jax.device_put(params["up"], NamedSharding(mesh, P(None, "model"))),
+      "down": jax.device_put(params["down"], NamedSharding(mesh, P("model", None))),
+    }
+    batch = NamedSharding(mesh, P(None, "data"))
+    per_task = ogv.task_value_and_grad(_tensor_parallel_loss, batch_axis="data")
+    two_axes = jax.jit(per_task)(placed, jax.device_put(x, batch), jax.device_put(y, batch))
+    # Not jitted, arrays on one device, both mesh axes splitting the batch.
+    both = ogv.task_value_and_grad(_tensor_parallel_loss, batch_axis=("data", "model"))
+    off_mesh = both(params, x, y)
+  return {
+    "two_axes": _relative_error(two_axes, reference),
+    "two_axes_specs": [str(_spec(leaf)) for leaf in jax.tree.leaves(two_axes[1])],
+    "off_mesh": _relative_error(off_mesh, reference),
+  }
+
+
 _INSTRUCTION = re.compile(r"\s(?P<op>reduce-scatter)(?:-start)?\(")
 
 
@@ -267,6 +304,8 @@ def main() -> None:
         run = check_values if check == "values" else check_memory
         report = {"check": check, "layout": layout, "mode": axis_type.name}
         report.update(run(layout, axis_type))
+        if check == "values" and layout == "data":
+          report.update(check_other_meshes(axis_type))
         print(json.dumps(report), flush=True)
 
 

@@ -96,6 +96,13 @@ def test_values_equal_the_unsharded_ones(reports: dict, layout: str, mode: str) 
   # Kernels split along their last axis, biases along their only one.
   assert report["grad_specs"] == ["(None, 'm')", "(None, None, 'm')"], report
   assert report["corrected"] > 0, report  # GradVac changed the gradients
+  if layout == "data":
+    assert report["two_axes"] <= 1e-6 and report["off_mesh"] <= 1e-6, report
+    # The column-parallel kernel ("up", the second leaf): under Explicit axes
+    # all-reduced over data, keeping its model sharding; under Auto axes split
+    # over data.
+    up = report["two_axes_specs"][1]
+    assert up == "(None, None, 'model')" if mode == "Explicit" else "'data'" in up, report
   if mode == "Explicit":
     assert report["stacked_kept_sharding"], report
     assert report["low_kept_sharding"], report
