@@ -76,10 +76,18 @@ def task_value_and_grad(
     >>> print(losses.shape, grads["w"].shape)
     (4,) (4, 3)
 
-    Data parallelism: under ``jax.set_mesh`` of a mesh with an axis ``"data"``
-    that splits the batches' axis 1, ``ogv.task_value_and_grad(loss,
-    batch_axis="data")`` gives the same losses and gradients, each device
-    holding a slice of every gradient leaf. Without a mesh it says so:
+    Data parallelism: on a mesh whose axis ``"data"`` splits the batches'
+    axis 1 (here of one device), the same losses and gradients, each device
+    holding a slice of every gradient leaf:
+
+    >>> import jax
+    >>> with jax.set_mesh(jax.make_mesh((1,), ("data",))):
+    ...   per_task = ogv.task_value_and_grad(loss, batch_axis="data")
+    ...   sharded_losses, sharded_grads = jax.jit(per_task)(params, xs, ys)
+    >>> print(sharded_losses.shape, sharded_grads["w"].shape)
+    (4,) (4, 3)
+
+    Without a mesh it says so:
 
     >>> ogv.task_value_and_grad(loss, batch_axis="data")(params, xs, ys)  # doctest: +ELLIPSIS
     Traceback (most recent call last):
