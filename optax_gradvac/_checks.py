@@ -454,6 +454,63 @@ def check_task_batches(name: str, task_batches: Sequence[Any]) -> None:
       )
 
 
+def check_batch_axis(name: str, batch_axis: Any) -> tuple[str, ...] | None:
+  """``None``, a mesh axis name, or a non-empty sequence of distinct names (as a tuple)."""
+  if batch_axis is None:
+    return None
+  axes = (batch_axis,) if isinstance(batch_axis, str) else batch_axis
+  if (
+    not isinstance(axes, tuple | list)
+    or not axes
+    or not all(isinstance(axis, str) for axis in axes)
+  ):
+    raise TypeError(
+      f"{name}: batch_axis must be None, a mesh axis name or a sequence of them, got "
+      f"{_describe(batch_axis)}."
+    )
+  if len(set(axes)) != len(axes):
+    raise ValueError(f"{name}: batch_axis names a mesh axis twice: {tuple(axes)!r}.")
+  return tuple(axes)
+
+
+def check_batch_mesh(name: str, mesh: Any, axes: tuple[str, ...]) -> int:
+  """The current mesh has every axis in ``axes``; returns the number of batch shards."""
+  if mesh.empty:
+    raise ValueError(
+      f"{name}: batch_axis={axes!r} splits the batches over mesh axes, but no mesh is set; "
+      "call it under `with jax.set_mesh(mesh):`, or leave batch_axis=None."
+    )
+  unknown = [axis for axis in axes if axis not in mesh.axis_names]
+  if unknown:
+    raise ValueError(
+      f"{name}: batch_axis names {unknown!r}, not an axis of the current mesh, whose axes "
+      f"are {tuple(mesh.axis_names)!r}."
+    )
+  shards = 1
+  for axis in axes:
+    shards *= mesh.shape[axis]
+  return shards
+
+
+def check_sharded_batches(
+  name: str, task_batches: Sequence[Any], axes: tuple[str, ...], shards: int
+) -> None:
+  """Every batch leaf is ``[T, B, ...]`` with ``B`` a multiple of the number of shards."""
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tuple(task_batches))[0]:
+    leaf_path, shape = f"task_batches{jax.tree_util.keystr(path)}", _shape(leaf)
+    if len(shape) < 2:
+      raise ValueError(
+        f"{name}: {leaf_path} has shape {shape}, but with batch_axis every batch leaf needs "
+        "a task axis and a batch axis, [T, B, ...]; pass constants through params or a closure."
+      )
+    if shape[1] % shards:
+      raise ValueError(
+        f"{name}: {leaf_path} has {shape[1]} examples per task (shape {shape}), which the "
+        f"{shards} shards of mesh axes {axes!r} do not divide; every shard needs the same "
+        "number of examples (pad the batch, or drop the remainder)."
+      )
+
+
 def check_task_grads_call(name: str, updates: Any, params: Any, task_grads_fn: Any) -> None:
   """The low-memory call ``update(None, state, params, task_grads_fn=fn)``."""
   if not callable(task_grads_fn):

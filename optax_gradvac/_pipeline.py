@@ -99,6 +99,27 @@ def _after(params: optax.Params, dependency: Any) -> optax.Params:
   return jax.tree.map(multiplied, params)
 
 
+def _like_params(updates: optax.Updates, params: optax.Params | None) -> optax.Updates:
+  """``updates`` in the sharding of ``params`` where their Explicit shardings differ.
+
+  Gradients may be split differently from their parameters (reduce-scattered
+  over a data-parallel axis by ``task_value_and_grad(..., batch_axis=...)``);
+  ``optax.apply_updates`` then needs the update in the parameter's sharding.
+  """
+  if params is None:
+    return updates
+
+  def like(update: jax.Array, param: Any) -> jax.Array:
+    if not isinstance(param, jax.Array) or not jax.typeof(param).sharding.mesh.explicit_axes:
+      return update
+    spec = jax.typeof(param).sharding.spec
+    if jax.typeof(update).sharding.spec == spec:
+      return update
+    return jax.sharding.reshard(update, spec)
+
+  return jax.tree.map(like, updates, params)
+
+
 TASK_GRADS_FN = "task_grads_fn"  # the extra argument of update that selects the low-memory path
 
 
@@ -196,6 +217,6 @@ def gram_transformation(
       _pytree.weighted_sum(leaf, weights, group)
       for leaf, group in zip(leaves_after(weights), groups, strict=True)
     ]
-    return jax.tree.unflatten(jax.tree.structure(tree), reduced), new_state
+    return _like_params(jax.tree.unflatten(jax.tree.structure(tree), reduced), params), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -30,4 +30,5 @@ collect_ignore = [
   "sharding_check.py",
   "sharding_memory_check.py",
   "sharding_low_memory_check.py",
+  "sharded_task_gradients_check.py",
 ]
