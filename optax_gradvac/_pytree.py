@@ -389,8 +389,8 @@ def scaled_gram_matrices(
   pass needs all of them at once. Stacked gradients get one ``lax.cond`` per
   leaf, reading that leaf alone: a single ``lax.cond`` reading every leaf made
   XLA keep all the gradients alive in its branch's layout next to the copy the
-  weighted sum reads, and allocate scaled copies of every leaf besides (about
-  4 ``T x P`` per device with replicated parameters). Recomputed gradients get
+  weighted sum reads, and allocate scaled copies of every leaf besides (more
+  than 2 ``T x P`` per device with replicated parameters). Recomputed gradients get
   one ``lax.cond`` whose branch computes them again.
 
   Returns:
