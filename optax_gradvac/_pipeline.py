@@ -198,7 +198,10 @@ def gram_transformation(
       return tree, state
 
     dtype = _pytree.compute_dtype([*leaves, state.cosine])
-    gram, scale = _pytree.scaled_gram_matrices(leaves_after, groups, len(names), dtype)
+    recomputed = extra_args.get(TASK_GRADS_FN) is not None
+    gram, scale = _pytree.scaled_gram_matrices(
+      leaves_after, groups, len(names), dtype, recomputed=recomputed
+    )
     weights, new_state = method.weigh(gram, state)
     if not method.homogeneous:
       # The weights are those of the gradients divided by `scale`.

@@ -1,6 +1,6 @@
 """Pytree plumbing: parameter groups, input checks, Gram matrices, recombination.
 
-The two functions that touch the gradients, :func:`gram_matrices` and
+The two functions that touch the gradients, :func:`scaled_gram_matrices` and
 :func:`weighted_sum`, each read every gradient once; everything between them
 acts on ``[num_groups, T, T]`` arrays.
 """
@@ -277,43 +277,53 @@ def _spread_task_axis(leaf: jax.Array) -> jax.Array:
   return leaf
 
 
-def gram_matrices(
-  leaves: Sequence[jax.Array], groups: Sequence[Group], num_groups: int, dtype: jnp.dtype
-) -> jax.Array:
-  """``[num_groups, T, T]`` Gram matrices of the per-task gradients of each group.
+def _replicated(leaf: jax.Array) -> bool:
+  """Whether ``leaf`` is known to be whole on every device (Explicit axes, no axis sharded)."""
+  return _has_explicit_axes(leaf) and not any(jax.typeof(leaf).sharding.spec)
 
-  One contraction per leaf over all but the task axis (and the stacked-layer axis,
-  for a leaf whose group is a tuple: a batched contraction, one Gram matrix per
-  layer), at HIGHEST precision (TPU's default f32 matmul is not exact) and
-  accumulated in ``dtype``.
+
+def _gram_view(leaf: jax.Array, stacked: bool) -> jax.Array:
+  """The array the Gram contraction of ``leaf`` reads (the overflow rescue too).
+
+  Sharded: the leaf (its task axis moved to a parameter axis under Explicit
+  axes, :func:`_spread_task_axis`), contracted in place: a ``[T, -1]`` reshape of
+  a leaf sharded on a non-leading axis makes XLA all-gather the whole stacked
+  leaf on every device (Auto axes), and cannot always express an Explicit
+  sharding. On one device, or replicated under Explicit axes: a ``[T, P]`` view
+  (``[T, L, P]`` for ``stacked`` layers), since contracting several axes at once
+  made XLA:CPU copy the whole leaf into a transposed layout first (2-3x slower,
+  and as much temporary memory as the gradients); with replicated parameters the
+  view is the row-major copy that the weighted sum reads too.
   """
-  num_tasks = leaves[0].shape[0]
-  grams = [jnp.zeros((num_tasks, num_tasks), dtype) for _ in range(num_groups)]
-  for leaf, group in zip(leaves, groups, strict=True):
-    batch = (1,) if isinstance(group, tuple) else ()
-    leaf = _spread_task_axis(leaf)
-    if _may_be_sharded(leaf):
-      # Contract the axes in place: a [T, -1] reshape of a leaf sharded on a
-      # non-leading axis makes XLA all-gather the whole stacked leaf on every
-      # device (Auto axes), and cannot always express an Explicit sharding.
-      # Under Explicit axes, name the (replicated) output sharding, as
-      # required when the contracted axes are sharded.
-      axes = tuple(range(1 + len(batch), leaf.ndim))
-      out_sharding = PartitionSpec() if _has_explicit_axes(leaf) else None
-    else:
-      # A [T, P] view: contracting several axes at once made XLA:CPU copy the
-      # whole leaf into a transposed layout first (2-3x slower, and as much
-      # temporary memory as the gradients).
-      leaf = leaf.reshape(*leaf.shape[: 1 + len(batch)], -1)
-      axes, out_sharding = (1 + len(batch),), None
-    gram = jax.lax.dot_general(
-      leaf,
-      leaf,
-      ((axes, axes), (batch, batch)),
-      precision=_PRECISION,
-      preferred_element_type=dtype,
-      out_sharding=out_sharding,
-    )
+  leaf = _spread_task_axis(leaf)
+  if _may_be_sharded(leaf) and not _replicated(leaf):
+    return leaf
+  return leaf.reshape(*leaf.shape[: 1 + int(stacked)], -1)
+
+
+def _leaf_gram(view: jax.Array, stacked: bool, dtype: jnp.dtype) -> jax.Array:
+  """``[T, T]`` Gram matrix of a leaf's :func:`_gram_view` (``[L, T, T]`` if ``stacked``).
+
+  Under Explicit axes the (replicated) output sharding is named, as required when
+  the contracted axes are sharded.
+  """
+  batch = (1,) if stacked else ()
+  axes = tuple(range(1 + len(batch), view.ndim))
+  return jax.lax.dot_general(
+    view,
+    view,
+    ((axes, axes), (batch, batch)),
+    precision=_PRECISION,
+    preferred_element_type=dtype,
+    out_sharding=PartitionSpec() if _has_explicit_axes(view) else None,
+  )
+
+
+def _group_sums(blocks: Sequence[jax.Array], groups: Sequence[Group], num_groups: int) -> jax.Array:
+  """``[num_groups, T, T]``: the leaves' Gram matrices summed within each group."""
+  num_tasks = blocks[0].shape[-1]
+  grams = [jnp.zeros((num_tasks, num_tasks), blocks[0].dtype) for _ in range(num_groups)]
+  for gram, group in zip(blocks, groups, strict=True):
     if isinstance(group, tuple):
       for layer, layer_group in enumerate(group):
         grams[layer_group] = grams[layer_group] + gram[layer]
@@ -322,44 +332,113 @@ def gram_matrices(
   return jnp.stack(grams)
 
 
+def _exponent(leaf: jax.Array, dtype: jnp.dtype) -> jax.Array:
+  """The power of two just above half the largest magnitude of ``leaf`` (0 if not usable)."""
+  one = jnp.ones([], dtype)
+  largest = jnp.max(jnp.abs(leaf)).astype(dtype)
+  usable = jnp.isfinite(largest) & (largest > 0)
+  return jnp.frexp(jnp.where(usable, largest, one))[1] - 1
+
+
+def _scaled_gram(
+  leaf: jax.Array, exponent: jax.Array, stacked: bool, dtype: jnp.dtype
+) -> jax.Array:
+  """The Gram matrix of ``leaf`` divided by ``2**exponent``."""
+  return _leaf_gram(jnp.ldexp(leaf, (-exponent).astype(jnp.int32)), stacked, dtype)
+
+
+def _rescued_gram(leaf: jax.Array, stacked: bool, dtype: jnp.dtype) -> tuple[jax.Array, jax.Array]:
+  """The Gram matrix of ``leaf`` divided by ``2**exponent``, and ``exponent``.
+
+  ``2**exponent`` is the power of two just above half the largest magnitude (1
+  for a zero leaf, or one with a NaN or inf entry: its Gram matrix stays
+  non-finite).
+  """
+  exponent = _exponent(leaf, dtype)
+  return _scaled_gram(leaf, exponent, stacked, dtype), exponent
+
+
 def scaled_gram_matrices(
   leaves_after: Callable[[Any], Sequence[jax.Array]],
   groups: Sequence[Group],
   num_groups: int,
   dtype: jnp.dtype,
+  *,
+  recomputed: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
-  """:func:`gram_matrices`, of the gradients divided by a power of two if need be.
+  """``[num_groups, T, T]`` Gram matrices of the gradients, divided by a power of two if need be.
+
+  One contraction per leaf over all but the task axis (and the stacked-layer axis,
+  for a leaf whose group is a tuple: a batched contraction, one Gram matrix per
+  layer), at HIGHEST precision (TPU's default f32 matmul is not exact),
+  accumulated in ``dtype`` and summed within each group.
 
   A finite gradient whose squared norm overflows ``dtype`` (entries around 1e19
-  in float32) gives an infinite Gram diagonal. Only then (``lax.cond``: more
-  passes over the gradients in that rare case alone) the Gram matrices are built
-  again from every leaf divided by ``scale``, the power of two just above half
-  the largest magnitude, which is exact. Gradients with a NaN or inf entry keep
-  a non-finite diagonal.
+  in float32) gives an infinite Gram diagonal. Each leaf's Gram matrices are
+  checked: only a leaf whose diagonal exceeds ``max / number of leaves`` (so
+  that no sum of unscaled leaves can overflow) or is not finite is read again
+  (``lax.cond``: more passes over it in that rare case alone), divided by the
+  power of two just above half its largest magnitude and contracted again. The
+  leaves' Gram matrices are then brought to the largest of these powers,
+  ``scale``, by powers of two, which is exact. Gradients with a NaN or inf
+  entry keep a non-finite diagonal.
 
   ``leaves_after(dependency)`` gives the gradient leaves, computed after
   ``dependency`` is known: the stacked gradients themselves, or (on the
-  low-memory path) the gradients computed again, so that no pass needs all of
-  them at once.
+  low-memory path, ``recomputed``) the gradients computed again, so that no
+  pass needs all of them at once. Stacked gradients get one ``lax.cond`` per
+  leaf, reading that leaf alone: a single ``lax.cond`` reading every leaf made
+  XLA keep all the gradients alive in its branch's layout next to the copy the
+  weighted sum reads, and allocate scaled copies of every leaf besides (more
+  than 2 ``T x P`` per device with replicated parameters). Recomputed gradients get
+  one ``lax.cond`` whose branch computes them again.
 
   Returns:
     ``(gram, scale)``: the Gram matrices of the gradients divided by ``scale``
     (a scalar of ``dtype``, 1 unless they overflowed).
   """
-  gram = gram_matrices(leaves_after(None), groups, num_groups, dtype)
-  one = jnp.ones([], dtype)
+  stacked = [isinstance(group, tuple) for group in groups]
 
-  def rescaled() -> tuple[jax.Array, jax.Array]:
-    largest = jnp.max(
-      jnp.stack([jnp.max(jnp.abs(leaf)).astype(dtype) for leaf in leaves_after(gram)])
-    )
-    usable = jnp.isfinite(largest) & (largest > 0)
-    exponent = jnp.frexp(jnp.where(usable, largest, one))[1] - 1
-    scaled = [jnp.ldexp(leaf, (-exponent).astype(jnp.int32)) for leaf in leaves_after(exponent)]
-    return gram_matrices(scaled, groups, num_groups, dtype), jnp.ldexp(one, exponent)
+  def views_after(dependency: Any) -> list[jax.Array]:
+    leaves = leaves_after(dependency)
+    return [_gram_view(leaf, layers) for leaf, layers in zip(leaves, stacked, strict=True)]
 
-  finite = jnp.all(jnp.isfinite(jnp.diagonal(gram, axis1=1, axis2=2)))
-  return jax.lax.cond(finite, lambda: (gram, one), rescaled)
+  leaves = views_after(None)
+  limit = jnp.finfo(dtype).max / len(leaves)
+  zero = jnp.zeros([], jnp.int32)
+  grams = [_leaf_gram(leaf, layers, dtype) for leaf, layers in zip(leaves, stacked, strict=True)]
+  safe = [
+    jnp.all(jnp.isfinite(diagonal) & (diagonal <= limit))
+    for diagonal in (jnp.diagonal(gram, axis1=-2, axis2=-1) for gram in grams)
+  ]
+  exponents = [zero] * len(leaves)
+  if recomputed:
+
+    def rescued() -> tuple[list[jax.Array], list[jax.Array]]:
+      # Two passes, each computing the gradients again: the exponents, then the
+      # scaled Gram matrices (as the stacked path's, leaf by leaf).
+      found = [_exponent(leaf, dtype) for leaf in views_after(grams)]
+      found = [jnp.where(ok, zero, new) for ok, new in zip(safe, found, strict=True)]
+      again = views_after(found)
+      return [
+        jnp.where(ok, gram, _scaled_gram(leaf, new, layers, dtype))
+        for ok, gram, leaf, new, layers in zip(safe, grams, again, found, stacked, strict=True)
+      ], found
+
+    grams, exponents = jax.lax.cond(jnp.all(jnp.stack(safe)), lambda: (grams, exponents), rescued)
+  else:
+    for index, (leaf, layers) in enumerate(zip(leaves, stacked, strict=True)):
+      grams[index], exponents[index] = jax.lax.cond(
+        safe[index],
+        lambda gram=grams[index]: (gram, zero),
+        lambda leaf=leaf, layers=layers: _rescued_gram(leaf, layers, dtype),
+      )
+  exponent = jnp.max(jnp.stack(exponents))
+  scaled = [
+    jnp.ldexp(gram, 2 * (leaf_exponent - exponent))
+    for gram, leaf_exponent in zip(grams, exponents, strict=True)
+  ]
+  return _group_sums(scaled, groups, num_groups), jnp.ldexp(jnp.ones([], dtype), exponent)
 
 
 def weighted_sum(leaf: jax.Array, weights: jax.Array, group: Group) -> jax.Array:

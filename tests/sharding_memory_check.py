@@ -3,8 +3,8 @@
 Run by ``test_sharding_memory.py`` in a subprocess, because the device count must
 be set before JAX starts. Compiles (runs nothing) the stacked step (per-task
 gradients, ``gradvac``, Adam) and the plain step (gradient of the summed loss,
-Adam) of ``benchmarks/sharding.py`` for the FSDP and task-sharded layouts under
-Auto and Explicit axes, and prints one JSON object per configuration: temporary
+Adam) of ``benchmarks/sharding.py`` for the FSDP, task-sharded and data-parallel
+layouts under Auto and Explicit axes, and prints one JSON object per configuration: temporary
 bytes per device, the largest result of each collective (elements), the largest
 parameter and the parameter count.
 """
@@ -25,7 +25,7 @@ def main() -> None:
   import jax
 
   assert jax.device_count() == 8, jax.devices()
-  for layout in ("fsdp", "task"):
+  for layout in ("fsdp", "task", "data"):
     for axis_type in (AxisType.Auto, AxisType.Explicit):
       report = {"layout": layout, "mode": axis_type.name}
       report.update(

@@ -412,5 +412,6 @@ def test_low_memory_step_holds_one_leaf_of_per_task_gradients(num_tasks):
       return tx.update(grads_fn(params, xs, ys)[1], state, params)
 
     assert _temp_bytes(low, state, params, xs, ys) <= bound, granularity
-    if num_tasks == 16:  # the bound can fail: the stacked step is far above it
-      assert _temp_bytes(stacked, state, params, xs, ys) > 3 * bound
+    if num_tasks == 16:  # the bound can fail: the stacked step holds all T x P gradients
+      num_params = sum(leaf.size for leaf in jax.tree.leaves(params))
+      assert _temp_bytes(stacked, state, params, xs, ys) > max(bound, num_tasks * num_params * 4)
