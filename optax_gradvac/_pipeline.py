@@ -204,8 +204,8 @@ def gram_transformation(
     )
     weights, new_state = method.weigh(gram, state)
     if not method.homogeneous:
-      # The weights are those of the gradients divided by `scale`.
-      weights = weights / scale
+      # The weights are those of the gradients divided by `scale` (per group).
+      weights = weights / scale[:, None]
     # A NaN or inf entry makes its task's squared norm non-finite: one check on
     # the Gram diagonal, no extra pass over the gradients.
     finite = jnp.all(jnp.isfinite(jnp.diagonal(gram, axis1=1, axis2=2)))

@@ -7,6 +7,7 @@ import optax
 import pytest
 
 import optax_gradvac as ogv
+from optax_gradvac import _pytree
 
 
 def random_grads(seed: int, num_tasks: int = 4, scale: float = 1.0) -> dict:
@@ -100,8 +101,15 @@ def test_scaling_all_gradients_scales_the_update(scale):
   assert state.corrected.any()
 
 
+@pytest.fixture(params=[False, True], ids=["one-cond", "cond-per-leaf"])
+def cond_per_leaf(request, monkeypatch):
+  """The overflow rescue as on one device (one lax.cond) and as on a mesh (one per leaf)."""
+  monkeypatch.setattr(_pytree, "_cond_per_leaf", lambda views: request.param)
+  return request.param
+
+
 @pytest.mark.parametrize("exponent", [70, 100])
-def test_gradients_whose_squares_overflow_are_handled_exactly(exponent):
+def test_gradients_whose_squares_overflow_are_handled_exactly(exponent, cond_per_leaf):
   """Entries around 1e21-1e30 overflow float32 squared norms but are finite: no fallback."""
   scale = 2.0**exponent
   tx = ogv.gradvac(4, beta=0.2, granularity="layer", key=0)
@@ -117,6 +125,44 @@ def test_gradients_whose_squares_overflow_are_handled_exactly(exponent):
     for field in ["count", "targets", "cosine", "corrected", "weights"]:
       np.testing.assert_allclose(getattr(scaled_state, field), getattr(state, field), rtol=1e-6)
   assert int(scaled_state.count) == 3 and state.corrected.any()
+
+
+def test_only_the_layer_that_overflows_is_rescaled(cond_per_leaf):
+  """Layer groups are independent: scaling one layer by 2**80 scales its update alone."""
+  scale = 2.0**80
+  tx = ogv.gradvac(4, beta=0.2, granularity="layer", key=0)
+  params = params_like(random_grads(0))
+  state, scaled_state = tx.init(params), tx.init(params)
+  update = jax.jit(tx.update)
+  for step in range(3):
+    grads = random_grads(step)
+    huge = {**grads, "dense_0": jax.tree.map(lambda g: g * scale, grads["dense_0"])}
+    updates, state = update(grads, state, params)
+    scaled, scaled_state = update(huge, scaled_state, params)
+    expected = {**updates, "dense_0": jax.tree.map(lambda u: u * scale, updates["dense_0"])}
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, rtol=1e-6), expected, scaled)
+    for field in ["count", "targets", "cosine", "corrected"]:
+      np.testing.assert_allclose(getattr(scaled_state, field), getattr(state, field), rtol=1e-6)
+  assert int(scaled_state.count) == 3 and state.corrected[0].any()
+
+
+def test_only_the_stacked_layer_that_overflows_is_rescaled(cond_per_leaf):
+  """A leaf of 3 stacked layers, one of them 2**80 larger: each layer is its own group."""
+  keys = jax.random.split(jax.random.key(0), 2)
+  grads = {
+    "blocks": {"kernel": jax.random.normal(keys[0], (4, 3, 5, 5))},
+    "head": jax.random.normal(keys[1], (4, 5)),
+  }
+  huge = {**grads, "blocks": {"kernel": grads["blocks"]["kernel"].at[:, 1].multiply(2.0**80)}}
+  params = jax.tree.map(lambda g: g[0], grads)
+  tx = ogv.gradvac(4, beta=0.2, granularity=ogv.StackedLayers("blocks"), key=0)
+  assert len(ogv.group_names(params, ogv.StackedLayers("blocks"))) == 4
+  updates, state = jax.jit(tx.update)(grads, tx.init(params), params)
+  scaled, scaled_state = jax.jit(tx.update)(huge, tx.init(params), params)
+  expected = {**updates, "blocks": {"kernel": updates["blocks"]["kernel"].at[1].multiply(2.0**80)}}
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, rtol=1e-6), expected, scaled)
+  np.testing.assert_allclose(scaled_state.cosine, state.cosine, rtol=1e-6, atol=1e-7)
+  assert state.corrected.any()
 
 
 def test_weights_in_the_state_reproduce_the_update():
