@@ -22,6 +22,7 @@ import pathlib
 import subprocess
 import sys
 
+import jax
 import pytest
 
 _SCRIPT = pathlib.Path(__file__).with_name("sharding_low_memory_check.py")
@@ -96,6 +97,14 @@ def test_collectives_are_seen(reports: dict) -> None:
         assert report["plain"]["all-gather"] >= report["largest_param"] // report["devices"]
 
 
+_OLD_JAX = tuple(int(part) for part in jax.__version__.split(".")[:3]) < (0, 10, 2)
+_TENSOR_OLD_JAX = (
+  "jax 0.10.1 (the minimum version): XLA holds 1.11x the bound for the tensor-parallel "
+  "low-memory step; jax 0.10.2 holds 1.9 units against a bound of 2.35 "
+  "(benchmarks/README.md, section 9)"
+)
+
+
 def _cases() -> list:
   cases = []
   for layout in _LAYOUTS:
@@ -103,6 +112,8 @@ def _cases() -> list:
       for check in ("temp", "temp-undivided", "collectives"):
         reason = _XFAIL.get((layout, mode, check))
         marks = [pytest.mark.xfail(reason=reason, strict=True)] if reason else []
+        if (layout, check) == ("tensor", "temp") and _OLD_JAX:
+          marks = [pytest.mark.xfail(reason=_TENSOR_OLD_JAX, strict=True)]
         cases.append(pytest.param(layout, mode, check, marks=marks, id=f"{layout}-{mode}-{check}"))
   return cases
 
