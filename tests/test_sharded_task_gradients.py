@@ -20,12 +20,9 @@ axes:
 The trace-time errors run here, on one device, under an abstract mesh.
 """
 
-import json
-import os
 import pathlib
-import subprocess
-import sys
 
+import host_devices
 import jax
 import jax.numpy as jnp
 import pytest
@@ -66,24 +63,15 @@ _XFAIL = {
 
 @pytest.fixture(scope="module")
 def reports() -> dict[tuple[str, str, str], dict]:
-  # A subprocess, so that this process keeps its single device (about 60 s on 2 cores).
-  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  result = subprocess.run(
-    [sys.executable, str(_SCRIPT)], capture_output=True, text=True, env=env, timeout=1200
-  )
-  assert result.returncode == 0, result.stderr[-4000:]
-  found = {
-    (report["check"], report["layout"], report["mode"]): report
-    for report in (json.loads(line) for line in result.stdout.splitlines() if line[:1] == "{")
-  }
-  expected = {
+  # About 60 s on 2 cores.
+  expected = [
     (check, layout, mode)
     for check in ("values", "memory")
     for layout in _LAYOUTS
     for mode in _MODES
-  }
-  assert set(found) == expected, result.stdout
-  return found
+  ]
+  key = lambda report: (report["check"], report["layout"], report["mode"])  # noqa: E731
+  return host_devices.reports(_SCRIPT, key, expected, timeout=1200)
 
 
 @pytest.mark.parametrize("mode", _MODES)

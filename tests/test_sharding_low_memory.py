@@ -16,12 +16,9 @@ and Explicit axes:
   or reduced whole.
 """
 
-import json
-import os
 import pathlib
-import subprocess
-import sys
 
+import host_devices
 import jax
 import pytest
 
@@ -56,25 +53,16 @@ _XFAIL = {
 
 @pytest.fixture(scope="module")
 def reports() -> dict[tuple[str, str, str], dict]:
-  # A subprocess, so that this process keeps its single device; once per module
-  # (about 80 s on 2 cores), in each pytest-xdist worker that runs one of its tests.
-  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  result = subprocess.run(
-    [sys.executable, str(_SCRIPT)], capture_output=True, text=True, env=env, timeout=1200
-  )
-  assert result.returncode == 0, result.stderr[-4000:]
-  found = {
-    (report["check"], report["layout"], report["mode"]): report
-    for report in (json.loads(line) for line in result.stdout.splitlines() if line[:1] == "{")
-  }
-  expected = {
+  # Once per module (about 80 s on 2 cores), in each pytest-xdist worker that
+  # runs one of its tests.
+  expected = [
     (check, layout, mode)
     for check in ("values", "memory")
     for layout in _LAYOUTS
     for mode in _MODES
-  }
-  assert set(found) == expected, result.stdout
-  return found
+  ]
+  key = lambda report: (report["check"], report["layout"], report["mode"])  # noqa: E731
+  return host_devices.reports(_SCRIPT, key, expected, timeout=1200)
 
 
 @pytest.mark.parametrize("mode", _MODES)

@@ -18,12 +18,9 @@ layout:
   ``1.3 T`` times the largest parameter.
 """
 
-import json
-import os
 import pathlib
-import subprocess
-import sys
 
+import host_devices
 import pytest
 
 _SCRIPT = pathlib.Path(__file__).with_name("sharding_memory_check.py")
@@ -70,18 +67,9 @@ _LAYOUTS = ("fsdp", "task", "data")
 
 @pytest.fixture(scope="module")
 def reports() -> dict[tuple[str, str], dict]:
-  # A subprocess, so that this process keeps its single device.
-  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  result = subprocess.run(
-    [sys.executable, str(_SCRIPT)], capture_output=True, text=True, env=env, timeout=600
-  )
-  assert result.returncode == 0, result.stderr[-4000:]
-  found = {
-    (report["layout"], report["mode"]): report
-    for report in (json.loads(line) for line in result.stdout.splitlines() if line[:1] == "{")
-  }
-  assert set(found) == {(layout, mode) for layout in _LAYOUTS for mode in ("Auto", "Explicit")}
-  return found
+  expected = [(layout, mode) for layout in _LAYOUTS for mode in ("Auto", "Explicit")]
+  key = lambda report: (report["layout"], report["mode"])  # noqa: E731
+  return host_devices.reports(_SCRIPT, key, expected, timeout=600)
 
 
 def _cases() -> list:
