@@ -170,6 +170,16 @@ def _local(leaf: Any, axes: tuple[str, ...], batch: bool) -> Any:
   return jax.sharding.reshard(leaf, PartitionSpec(*local))
 
 
+def _varying(tree: Any, axes: tuple[str, ...]) -> Any:
+  """``tree`` marked as varying over ``axes`` inside ``shard_map``.
+
+  ``jax.lax.pcast(..., to="varying")`` from jax 0.8; ``jax.lax.pvary`` before.
+  """
+  if hasattr(jax.lax, "pcast"):
+    return jax.lax.pcast(tree, axes, to="varying")
+  return jax.lax.pvary(tree, axes)
+
+
 def _reduce_scattered(
   vectorised: Callable[..., tuple[Any, Any]], axes: tuple[str, ...], has_aux: bool
 ) -> Callable[..., tuple[Any, Any]]:
@@ -197,7 +207,7 @@ def _reduce_scattered(
     def local(params: Any, *task_batches: Any) -> tuple[Any, Any]:
       # Differentiate with respect to this device's copy of the parameters: the
       # gradient of its own examples, reduced below, not all-reduced by shard_map.
-      params = jax.lax.pcast(params, axes, to="varying")
+      params = _varying(params, axes)
       value, grads = vectorised(params, *task_batches)
       losses, aux = value if has_aux else (value, None)
       losses = jax.lax.psum(losses, axes) / shards

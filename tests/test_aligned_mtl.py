@@ -2,11 +2,11 @@
 whose answer is its own; the common ones are in test_gram_methods.py."""
 
 import closed_form_reference as reference
-import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from jax_compat import enable_x64
 
 import optax_gradvac as ogv
 
@@ -21,7 +21,7 @@ def test_matches_algorithm_1(granularity, num_tasks, x64):
   tx = ogv.aligned_mtl(num_tasks, granularity=granularity)
   dtype, rtol, atol = (jnp.float64, 1e-9, 1e-11) if x64 else (jnp.float32, 1e-3, 1e-4)
   state = None
-  with jax.enable_x64(x64):
+  with enable_x64(x64):
     for _ in range(3):
       grads = reference.task_gradients(rng, num_tasks)
       weights = reference.group_weights(grads, groups, reference.aligned_mtl)
@@ -69,7 +69,7 @@ def test_aligned_gradients_are_orthogonal_with_the_smallest_norm(num_tasks):
   rng = np.random.default_rng(0)
   grads = rng.normal(size=(num_tasks, 30)) * rng.uniform(0.01, 10, size=(num_tasks, 1))
   gram = grads @ grads.T
-  with jax.enable_x64(True):
+  with enable_x64(True):
     basis = np.eye(num_tasks)
     # Column i of the balance transformation: task weights one-hot on i.
     balance = np.stack(

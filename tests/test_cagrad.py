@@ -6,6 +6,7 @@ import numpy as np
 import optax
 import pytest
 import qp_reference as reference
+from jax_compat import enable_x64
 
 import optax_gradvac as ogv
 
@@ -18,7 +19,7 @@ def conflicting(seed: int, num_tasks: int, dim: int = 20) -> np.ndarray:
 
 
 def cagrad_update(rows: np.ndarray, c: float, **kwargs) -> np.ndarray:
-  with jax.enable_x64(True):
+  with enable_x64(True):
     weights = jax.jit(ogv.cagrad_weights, static_argnames="rescale")(rows @ rows.T, c, **kwargs)
   return np.asarray(weights) @ rows
 

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from jax_compat import enable_x64
 
 import optax_gradvac as ogv
 from optax_gradvac import _pytree
@@ -45,7 +46,7 @@ def test_corrected_gradient_has_the_target_cosine(num_tasks):
   order = np.array(
     [rng.permutation([j for j in range(num_tasks) if j != i]) for i in range(num_tasks)], int
   )
-  with jax.enable_x64(True):
+  with enable_x64(True):
     surgery = ogv.gradvac_coefficients(jnp.asarray(grads @ grads.T), targets, order, 0.1)
   corrected_grads = np.asarray(surgery.coefficients) @ grads
   checked = 0
@@ -317,7 +318,7 @@ def test_bfloat16_gradients_keep_their_dtype_and_use_float32_math():
 
 
 def test_float64_params_give_float64_state():
-  with jax.enable_x64(True):
+  with enable_x64(True):
     params = {"w": jnp.zeros(3, jnp.float64)}
     state = ogv.gradvac(2).init(params)
     assert state.targets.dtype == state.cosine.dtype == jnp.float64

@@ -18,6 +18,7 @@ import pytest
 import qp_reference as reference
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from jax_compat import enable_x64
 
 import optax_gradvac as ogv
 
@@ -123,7 +124,7 @@ def params_like(grads: dict) -> dict:
 @pytest.mark.parametrize("granularity", ["model", "layer", "tensor"])
 @pytest.mark.parametrize("num_tasks", [2, 5, 8])
 def test_matches_reference_in_float64(case, granularity, num_tasks):
-  with jax.enable_x64(True):
+  with enable_x64(True):
     tx = case.make(num_tasks, granularity=granularity)
     state = tx.init(params_like(random_grads(0, num_tasks)))
     update = jax.jit(tx.update)
@@ -167,7 +168,7 @@ def test_matches_reference_for_random_trees(case, num_tasks, shapes, seed):
   rng = np.random.default_rng(seed)
   shapes = [*shapes, (12,)]  # at least as many dimensions as tasks in the one group
   names = [f"leaf_{k}" for k in range(len(shapes))]
-  with jax.enable_x64(True):
+  with enable_x64(True):
     grads = {
       name: rng.normal(size=(num_tasks, *shape))
       * rng.uniform(0.1, 10, (num_tasks,) + (1,) * len(shape))

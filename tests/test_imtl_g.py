@@ -2,10 +2,10 @@
 whose answer is its own; the common ones are in test_gram_methods.py."""
 
 import closed_form_reference as reference
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax_compat import enable_x64
 
 import optax_gradvac as ogv
 
@@ -20,7 +20,7 @@ def test_matches_the_papers_closed_form(granularity, num_tasks, x64):
   tx = ogv.imtl_g(num_tasks, granularity=granularity)
   dtype, rtol, atol = (jnp.float64, 1e-9, 1e-11) if x64 else (jnp.float32, 1e-3, 1e-4)
   state = None
-  with jax.enable_x64(x64):
+  with enable_x64(x64):
     for _ in range(3):
       grads = reference.task_gradients(rng, num_tasks)
       weights = reference.group_weights(grads, groups, reference.imtl_g)
@@ -35,7 +35,7 @@ def test_matches_the_papers_closed_form(granularity, num_tasks, x64):
 def test_projections_on_unit_gradients_are_equal(num_tasks):
   rng = np.random.default_rng(0)
   grads = rng.normal(size=(num_tasks, 30)) * rng.uniform(0.01, 10, size=(num_tasks, 1))
-  with jax.enable_x64(True):
+  with enable_x64(True):
     weights = np.asarray(ogv.imtl_g_weights(jnp.asarray(grads @ grads.T)))
   units = grads / np.linalg.norm(grads, axis=1, keepdims=True)
   projections = units @ (weights @ grads)

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax_compat import enable_x64
 
 import optax_gradvac as ogv
 
@@ -19,7 +20,7 @@ def test_update_decreases_every_task_by_at_least_its_squared_norm(num_tasks):
   """For the min-norm point d of the hull, <g_t, d> >= |d|^2 for every t (optimality)."""
   for seed in range(5):
     grads = conflicting(seed, num_tasks)
-    with jax.enable_x64(True):
+    with enable_x64(True):
       weights = np.asarray(jax.jit(ogv.mgda_weights)(grads @ grads.T))
     update = weights @ grads
     assert np.all(grads @ update >= update @ update - 1e-10 * np.abs(grads).max() ** 2)

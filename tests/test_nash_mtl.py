@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from jax_compat import enable_x64
 
 import optax_gradvac as ogv
 
@@ -27,7 +28,7 @@ def test_matches_the_bargaining_solution(granularity, num_tasks, x64):
   tx = ogv.nash_mtl(num_tasks, granularity=granularity)
   dtype, rtol, atol = (jnp.float64, 1e-9, 1e-11) if x64 else (jnp.float32, 1e-4, 1e-6)
   state = None
-  with jax.enable_x64(x64):
+  with enable_x64(x64):
     for _ in range(3):
       grads = reference.task_gradients(rng, num_tasks)
       weights = reference.group_weights(grads, groups, reference.nash_mtl, max_weight=100.0)
@@ -55,7 +56,7 @@ def test_the_penalty_changes_no_well_posed_solution():
 def test_every_weight_times_its_directional_derivative_is_one(num_tasks):
   rng = np.random.default_rng(1)
   grads = rng.normal(size=(num_tasks, 30)) * rng.uniform(0.01, 10, size=(num_tasks, 1))
-  with jax.enable_x64(True):
+  with enable_x64(True):
     solution = ogv.nash_mtl_weights(jnp.asarray(grads @ grads.T), max_weight=1e6)
   weights = np.asarray(solution.weights)
   assert (weights > 0).all() and float(solution.residual) < 1e-12

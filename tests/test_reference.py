@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from jax_compat import enable_x64
 
 import optax_gradvac as ogv
 
@@ -135,12 +136,12 @@ def run_against_reference(granularity, shuffle, reduction, dtype, beta=0.3, step
 @pytest.mark.parametrize("granularity", list(GROUPS), ids=lambda g: getattr(g, "__name__", g))
 @pytest.mark.parametrize("shuffle", [False, True], ids=["ascending", "shuffled"])
 def test_gradvac_matches_reference_in_float64(granularity, shuffle):
-  with jax.enable_x64(True):
+  with enable_x64(True):
     run_against_reference(granularity, shuffle, "sum", jnp.float64)
 
 
 def test_mean_reduction_matches_reference():
-  with jax.enable_x64(True):
+  with enable_x64(True):
     run_against_reference("layer", True, "mean", jnp.float64)
 
 
@@ -151,7 +152,7 @@ def test_gradvac_matches_reference_in_float32(granularity):
 
 @pytest.mark.parametrize("shuffle", [False, True], ids=["ascending", "shuffled"])
 def test_pcgrad_matches_pcgrad_reference(shuffle):
-  with jax.enable_x64(True):
+  with enable_x64(True):
     params = nest({name: jnp.zeros(shape, jnp.float64) for name, shape in SHAPES.items()})
     for tx in [
       ogv.pcgrad(NUM_TASKS, shuffle=shuffle, key=3),
@@ -192,7 +193,7 @@ def test_pure_function_matches_reference_for_random_shapes(num_tasks, sizes, bet
   expected_grads, expected_targets, expected_corrected = reference.gradvac_group(
     grads, targets, order, beta
   )
-  with jax.enable_x64(True):
+  with enable_x64(True):
     surgery = jax.jit(ogv.gradvac_coefficients)(jnp.asarray(grads @ grads.T), targets, order, beta)
     np.testing.assert_allclose(
       np.asarray(surgery.coefficients) @ grads, expected_grads, rtol=1e-8, atol=1e-10
@@ -215,7 +216,7 @@ def test_transform_matches_reference_for_random_trees(num_tasks, shapes, granula
   names = [f"leaf_{k}" for k in range(len(shapes))]
   groups = [names] if granularity == "model" else [[name] for name in names]
   rng = np.random.default_rng(seed)
-  with jax.enable_x64(True):
+  with enable_x64(True):
     tx = ogv.gradvac(num_tasks, 0.5, granularity=granularity, shuffle=False)
     params = {name: jnp.zeros(s, jnp.float64) for name, s in zip(names, shapes, strict=True)}
     state = tx.init(params)

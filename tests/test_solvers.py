@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import qp_reference as reference
+from jax_compat import enable_x64
 
 from optax_gradvac._solvers import min_norm_weights, nonnegative_qp
 
@@ -49,7 +50,7 @@ def test_nonnegative_qp_matches_nnls_in_float64(kind, num_vars):
     columns = task_matrix(kind, num_vars, 12, seed)  # A^T
     target = rng.normal(size=columns.shape[1])
     expected = reference.nonnegative_least_squares(columns.T, target)
-    with jax.enable_x64(True):
+    with enable_x64(True):
       x = np.asarray(jax.jit(nonnegative_qp)(columns @ columns.T, -columns @ target))
     assert x.dtype == np.float64 and (x >= 0).all()
     # The minimiser need not be unique (duplicates, low rank); A x is.
@@ -91,7 +92,7 @@ def test_nonnegative_qp_holds_masked_and_zero_diagonal_variables_at_zero():
   gram = rows @ rows.T
   target = -rows.sum(axis=0)
   mask = np.array([True, True, True, False])
-  with jax.enable_x64(True):
+  with enable_x64(True):
     x = np.asarray(nonnegative_qp(gram, -rows @ target, mask=mask))
   expected = np.zeros(4)
   expected[:2] = reference.nonnegative_least_squares(rows[:2].T, target)
@@ -114,7 +115,7 @@ def test_min_norm_weights_match_exhaustive_search(kind, num_tasks):
   for seed in range(2):
     rows = task_matrix(kind, num_tasks, 40, seed)
     expected = reference.min_norm_weights(rows) @ rows
-    with jax.enable_x64(True):
+    with enable_x64(True):
       weights = np.asarray(jax.jit(min_norm_weights)(rows @ rows.T))
     np.testing.assert_allclose(weights.sum(), 1, rtol=1e-12)
     assert (weights >= 0).all()
@@ -130,7 +131,7 @@ def test_min_norm_weights_of_two_vectors_in_closed_form():
   for _ in range(10):
     a, b = rng.normal(size=(2, 6)) * rng.uniform(0.01, 100, size=(2, 1))
     gamma = np.clip((b - a) @ b / np.sum((a - b) ** 2), 0, 1)  # weight of a
-    with jax.enable_x64(True):
+    with enable_x64(True):
       weights = jax.jit(min_norm_weights)(np.stack([a, b]) @ np.stack([a, b]).T)
     np.testing.assert_allclose(weights, [gamma, 1 - gamma], rtol=1e-10, atol=1e-12)
 
@@ -139,7 +140,7 @@ def test_min_norm_weights_leave_out_masked_and_zero_vectors():
   rows = task_matrix("shared", 5, 20, 4)
   rows[3] = 0
   solve = jax.jit(min_norm_weights)
-  with jax.enable_x64(True):
+  with enable_x64(True):
     weights = np.asarray(solve(rows @ rows.T, np.array([True, True, False, True, True])))
     assert weights[3] == 1  # a zero vector in the hull is its min-norm point
     weights = np.asarray(solve(rows @ rows.T, np.array([True, True, False, False, True])))

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax_compat import enable_x64
 
 import optax_gradvac as ogv
 
@@ -21,7 +22,7 @@ def test_update_conflicts_with_no_task(num_tasks):
   for seed in range(5):
     grads = conflicting(seed, num_tasks)
     conflicts += np.sum(grads @ grads.T < 0)
-    with jax.enable_x64(True):
+    with enable_x64(True):
       weights = np.asarray(jax.jit(ogv.upgrad_weights)(grads @ grads.T))
     update = weights @ grads
     assert np.all(grads @ update >= -1e-10 * np.abs(grads).max() ** 2)
