@@ -1,5 +1,6 @@
 """Multi-task gradient surgery for Optax: Gradient Vaccine and PCGrad."""
 
+from optax_gradvac import _jaxlib
 from optax_gradvac._accumulation import multi_steps as multi_steps
 from optax_gradvac._gram import pairwise_cosine as pairwise_cosine
 from optax_gradvac._logging import similarity_summary as similarity_summary
@@ -34,6 +35,8 @@ from optax_gradvac._task_gradients import segment_value_and_grad as segment_valu
 from optax_gradvac._task_gradients import task_value_and_grad as task_value_and_grad
 
 __version__ = "0.1.0"
+
+_jaxlib.warn_if_miscompiling()
 
 __all__ = (
   "GradVacState",
