@@ -1,5 +1,6 @@
 """msgpack serialization of optimizer states that hold typed PRNG keys."""
 
+import inspect
 import types
 from typing import Any, TypeVar
 
@@ -19,6 +20,14 @@ def _serialization(name: str) -> types.ModuleType:
       f"{name} needs flax (flax.serialization): pip install 'optax_gradvac[flax]'."
     ) from error
   return serialization
+
+
+def _wrap_key_data(data: Any, dtype: Any) -> jax.Array:
+  """Typed keys of ``dtype`` (``key<fry>``, ...) from their raw ``uint32`` data."""
+  if "dtype" in inspect.signature(jax.random.wrap_key_data).parameters:
+    return jax.random.wrap_key_data(data, dtype=dtype)
+  # jax before 0.8 takes the implementation, which the key dtype holds.
+  return jax.random.wrap_key_data(data, impl=dtype._impl)
 
 
 def _is_key(leaf: Any) -> bool:
@@ -77,9 +86,7 @@ def from_bytes(target: Tree, encoded: bytes) -> Tree:
   _checks.check_restorable("from_bytes", serialization.to_state_dict(target), saved)
   restored = serialization.from_state_dict(target, saved)
   return jax.tree.map(
-    lambda leaf, value: (
-      jax.random.wrap_key_data(value, dtype=leaf.dtype) if _is_key(leaf) else value
-    ),
+    lambda leaf, value: _wrap_key_data(value, leaf.dtype) if _is_key(leaf) else value,
     target,
     restored,
   )
