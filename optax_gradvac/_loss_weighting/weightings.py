@@ -499,7 +499,7 @@ class FAMOState(NamedTuple):
   """State of :func:`famo`."""
 
   logits: jax.Array  # [T]: xi; the task weights are z = softmax(xi).
-  logits_state: optax.OptState  # the logits' optimiser state (Adam with L2 decay).
+  logits_state: tuple[Any, ...]  # optax.chain(add_decayed_weights, adam) state of the logits.
   previous_losses: jax.Array  # [T]: the last update's losses, awaiting the next step's.
   has_previous: jax.Array  # shape=(), dtype=bool: whether previous_losses awaits them.
 
