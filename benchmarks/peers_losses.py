@@ -25,7 +25,7 @@ added back): written out in torch from its definition, against our `stch` applie
 losses divided by T.
 
   python benchmarks/peers_losses.py [--quick]
-  # needs the `peers` extra
+  # needs benchmarks/requirements-peers.txt
 """
 
 import importlib.metadata
