@@ -133,8 +133,8 @@ def test_matches_the_paper_over_steps_in_float64(name, recompute):
 
 def test_famo_without_recomputed_losses_takes_the_next_steps_losses():
   """Not recomputing equals recomputing losses that happen to be the next step's."""
-  lagged, _, lagged_step = jitted("famo", recompute=False)
-  _, _, recomputed_step = jitted("famo", recompute=True)
+  lagged, _, lagged_step = jitted("famo", False)
+  _, _, recomputed_step = jitted("famo", True)
   losses = loss_sequence(seed=7, bad_step=None)
   with enable_x64(True):
     state = recomputed_state = lagged.init(jnp.float64)
@@ -152,20 +152,26 @@ def test_famo_without_recomputed_losses_takes_the_next_steps_losses():
 
 
 def test_vmap_over_independent_runs():
-  weighting, _, step = jitted("famo", recompute=True)
-  runs = np.stack([loss_sequence(seed, steps=3, bad_step=None) for seed in range(2)], axis=1)
+  """Two FAMO runs at once, each against its own reference."""
+  weighting = WEIGHTINGS["famo"]()
+
+  @jax.jit
+  @jax.vmap
+  def step(losses, state, after):
+    return weighting.loss(losses, state)[1], weighting.update(
+      losses, state, losses_after_step=after
+    )
+
+  runs = np.stack([loss_sequence(seed, steps=4, bad_step=None) for seed in range(2)], axis=1)
+  models = [reference.FAMO(NUM_TASKS, 0.1, 0.01, MIN_LOSSES) for _ in range(2)]
   with enable_x64(True):
     states = jax.vmap(lambda _: weighting.init(jnp.float64))(jnp.arange(2))
-    singles = [weighting.init(jnp.float64)] * 2
-    batched_step = jax.jit(jax.vmap(step, in_axes=(0, 0, None, 0)))
-    for k in range(2):
-      *batched, states = batched_step(runs[k], states, None, runs[k + 1])
-      for run in range(2):
-        *single, singles[run] = step(runs[k, run], singles[run], None, runs[k + 1, run])
-        for got, want in zip(
-          jax.tree.leaves((batched, states)), jax.tree.leaves((single, singles[run])), strict=True
-        ):
-          np.testing.assert_allclose(got[run], want, rtol=1e-12)
+    for k in range(3):
+      weights, states = step(runs[k], states, runs[k + 1])
+      for run, model in enumerate(models):
+        np.testing.assert_allclose(weights[run], model.loss(runs[k, run])[1], rtol=1e-12)
+        model.update(runs[k, run], runs[k + 1, run])
+        np.testing.assert_allclose(states.logits[run], model.logits, rtol=1e-12, atol=1e-15)
 
 
 def test_low_precision_losses_are_weighted_in_float32():
@@ -195,29 +201,30 @@ def test_low_precision_losses_are_weighted_in_float32():
 
 
 def test_wrong_inputs_name_the_problem():
-  uw, famo = ogv.uw(NUM_TASKS), ogv.famo(NUM_TASKS)
-  losses = jnp.ones(NUM_TASKS)
+  """Checked at trace time: abstract states (``jax.eval_shape``) and numpy inputs suffice."""
+  uw, famo, dwa = ogv.uw(NUM_TASKS), ogv.famo(NUM_TASKS), ogv.dwa(NUM_TASKS, steps_per_epoch=1)
+  famo_state, dwa_state = jax.eval_shape(famo.init), jax.eval_shape(dwa.init)
+  losses = np.ones(NUM_TASKS, np.float32)
   with pytest.raises(
     ValueError, match=r"losses must have shape \(3,\).*got float32 array of shape \(2,\)"
   ):
-    famo.loss(jnp.ones(2), famo.init())
+    famo.loss(losses[:2], famo_state)
   with pytest.raises(TypeError, match="losses must be floating"):
-    famo.loss(jnp.ones(NUM_TASKS, int), famo.init())
+    famo.loss(np.ones(NUM_TASKS, int), famo_state)
   with pytest.raises(TypeError, match="uw: pass its learned log-variances as params"):
     uw.loss(losses, uw.init())
   with pytest.raises(ValueError, match=r"uw: params \(the log-variances\) must have shape \(3,\)"):
-    uw.loss(losses, uw.init(), jnp.zeros(4))
+    uw.loss(losses, uw.init(), np.zeros(4, np.float32))
   with pytest.raises(TypeError, match="famo learns no parameters"):
-    famo.loss(losses, famo.init(), jnp.zeros(NUM_TASKS))
+    famo.loss(losses, famo_state, losses)
   with pytest.raises(TypeError, match="famo: expected its own state, a FAMOState, got DWAState"):
-    famo.loss(losses, ogv.dwa(NUM_TASKS, steps_per_epoch=1).init())
+    famo.loss(losses, dwa_state)
   with pytest.raises(ValueError, match=r"state.logits has shape \(2,\), expected \(3,\)"):
-    famo.update(losses, ogv.famo(2).init())
-  dwa = ogv.dwa(NUM_TASKS, steps_per_epoch=1)
+    famo.update(losses, jax.eval_shape(ogv.famo(2).init))
   with pytest.raises(TypeError, match="dwa: losses_after_step is read by famo only"):
-    dwa.update(losses, dwa.init(), losses_after_step=losses)
+    dwa.update(losses, dwa_state, losses_after_step=losses)
   with pytest.raises(ValueError, match=r"famo: losses_after_step must have shape \(3,\)"):
-    famo.update(losses, famo.init(), losses_after_step=losses[:2])
+    famo.update(losses, famo_state, losses_after_step=losses[:2])
   with pytest.raises(ValueError, match="stch: mu must be positive"):
     ogv.stch(NUM_TASKS, mu=0.0)
   with pytest.raises(ValueError, match=r"stch: preferences must have shape \(3,\)"):

@@ -646,6 +646,10 @@ def famo(
   ) -> FAMOState:
     losses = jax.lax.stop_gradient(_check_losses(name, num_tasks, losses))
     _check_state(name, state, expected)
+    if losses_after_step is not None:
+      after = jax.lax.stop_gradient(
+        _check_losses(name, num_tasks, losses_after_step, "losses_after_step")
+      )
     logits, logits_state = pending(state, losses)
     if losses_after_step is None:
       recorded = usable(losses)
@@ -657,9 +661,6 @@ def famo(
         ),
         has_previous=recorded,
       )
-    after = jax.lax.stop_gradient(
-      _check_losses(name, num_tasks, losses_after_step, "losses_after_step")
-    )
     logits, logits_state = step_logits(logits, logits_state, losses, after, jnp.array(True))
     return state._replace(
       logits=logits, logits_state=logits_state, has_previous=jnp.zeros([], bool)
