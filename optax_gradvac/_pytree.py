@@ -35,6 +35,9 @@ class StackedLayers:
   ``blocks/0/mlp``, ``blocks/1/mlp``, ... The groups of a stack come in layer-major
   order, as the same model written with a Python loop over its blocks would give
   them. In the Gram form a stack's groups cost one batched contraction per leaf.
+  A prefix whose subtree is a sequence of per-layer subtrees (``blocks/0/...``,
+  ``blocks/1/...``: blocks written with a Python loop) is an error: ``"layer"``
+  already gives each of them its own groups.
 
   Args:
     *prefixes: the paths of the stacked subtrees, as :func:`group_names` writes
@@ -107,13 +110,20 @@ def _labels(paths: Sequence[KeyPath], granularity: str) -> list[str]:
   return [path_name(path) for path in paths]
 
 
+# More leaves than one layer usually holds (a kernel and a bias): one group for
+# them under a granularity finer than "model" means the tree hides its layers.
+_MANY_LEAVES = 3
+
+
 def _warn_if_one_group(granularity: Granularity, names: Sequence[str], num_leaves: int) -> None:
-  """Warns when a granularity finer than ``"model"`` finds one group for several leaves.
+  """Warns when a granularity finer than ``"model"`` finds one group for many leaves.
 
   Python shows a warning once per message and place (the default filter), so a
   model's warning appears once, at ``init`` or at the first trace of ``update``.
   """
-  if callable(granularity) or granularity == "model" or len(names) != 1 or num_leaves < 2:
+  if callable(granularity) or granularity == "model" or len(names) != 1:
+    return
+  if num_leaves < _MANY_LEAVES:
     return
   warnings.warn(
     f"granularity {granularity!r} puts all {num_leaves} leaves in one group, "

@@ -958,11 +958,12 @@ def test_stacked_layers_accept_stacks_named_by_their_elements():
   )
 
 
-ONE_GROUP = r"granularity 'layer' puts all 2 leaves in one group, 'params', as 'model' would"
+ONE_GROUP = r"granularity 'layer' puts all 3 leaves in one group, 'params', as 'model' would"
 
 
 def test_one_group_for_many_leaves_warns_at_init_and_trace_time():
-  variables = {"params": {"w": jnp.zeros(3), "b": jnp.zeros(3)}}  # linen variables, not params
+  # linen variables, not params: the parameters of the top-level module under one parent
+  variables = {"params": {"w": jnp.zeros(3), "b": jnp.zeros(3), "scale": jnp.zeros(())}}
   tx = ogv.gradvac(NUM_TASKS)
   with pytest.warns(UserWarning, match=ONE_GROUP + r".*variables\['params'\].*'model'"):
     state = tx.init(variables)
@@ -977,6 +978,8 @@ def test_groups_that_follow_the_model_do_not_warn():
     warnings.simplefilter("error")
     assert ogv.group_names({"w": jnp.zeros(3), "b": jnp.zeros(3)}, "layer") == ("b", "w")
     assert ogv.group_names({"params": {"w": jnp.zeros(3)}}, "layer") == ("params",)
+    one_layer = {"dense": {"kernel": jnp.zeros((2, 3)), "bias": jnp.zeros(3)}}
+    assert ogv.group_names(one_layer, "layer") == ("dense",)
     assert ogv.group_names({"params": {"w": jnp.zeros(3), "b": jnp.zeros(3)}}, "model")
     assert ogv.group_names(jnp.zeros(3), "layer") == ("<root>",)
 
