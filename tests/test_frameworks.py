@@ -212,7 +212,9 @@ def test_haiku_layer_stack_gives_the_unrolled_models_groups_and_results():
     return tree
 
   unrolled_params = unroll(stacked_params, 0)
-  shapes = jax.tree.map(jnp.shape, unrolled.init(jax.random.key(0), jnp.zeros((1, WIDTH))))
+  shapes = jax.tree.map(
+    jnp.shape, jax.eval_shape(unrolled.init, jax.random.key(0), jnp.zeros((1, WIDTH)))
+  )
   assert jax.tree.map(jnp.shape, unrolled_params) == shapes
   granularity = ogv.StackedLayers(stack)
   names = ogv.group_names(stacked_params, granularity)
