@@ -10,6 +10,7 @@ and both shapes where there are two sides.
 
 import collections
 import numbers
+import sys
 from collections.abc import Callable, Hashable, Mapping, Sequence, Set
 from typing import Any
 
@@ -200,12 +201,35 @@ def check_key(name: str, key: Any) -> None:
 # Trees that must have the same paths.
 
 
+def _holds_equinox_module(tree: Any) -> bool:
+  """Whether ``tree`` is or contains an ``equinox.Module`` (without importing equinox)."""
+  equinox = sys.modules.get("equinox")
+  if equinox is None:
+    return False
+  is_module = lambda node: isinstance(node, equinox.Module)  # noqa: E731
+  return any(is_module(node) for node in jax.tree.leaves(tree, is_leaf=is_module))
+
+
 def check_arrays(name: str, what: str, tree: Any) -> None:
-  """Every leaf has a shape and a dtype (an array, or a jax.ShapeDtypeStruct)."""
+  """Every leaf has a shape and a dtype (an array, or a jax.ShapeDtypeStruct).
+
+  An Equinox module holds functions and Python values beside its arrays: the
+  message then says how to take its arrays apart.
+  """
   for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
     if not (hasattr(leaf, "shape") and hasattr(leaf, "dtype")):
+      hint = ""
+      if _holds_equinox_module(tree):
+        hint = (
+          " An Equinox module holds functions and Python values beside its arrays: pass "
+          "its arrays, `params, static = eqx.partition(model, eqx.is_inexact_array)`, and "
+          "rebuild the model in the loss with `eqx.combine(params, static)`; or take the "
+          "per-task gradients with the filtered transforms, "
+          "`eqx.filter_vmap(eqx.filter_value_and_grad(loss), in_axes=(None, 0, 0))`, and "
+          "give the optimizer `eqx.filter(model, eqx.is_inexact_array)`."
+        )
       raise TypeError(
-        f"{name}: {what} leaf {leaf_name(path)!r} is not an array: got {_describe(leaf)}."
+        f"{name}: {what} leaf {leaf_name(path)!r} is not an array: got {_describe(leaf)}.{hint}"
       )
 
 

@@ -7,6 +7,7 @@ the input checks, the parameter groups, the Gram pass, non-finite and overflowin
 gradients, the state fields every method logs, and the weighted sum.
 """
 
+import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -123,6 +124,22 @@ def _like_params(updates: optax.Updates, params: optax.Params | None) -> optax.U
 TASK_GRADS_FN = "task_grads_fn"  # the extra argument of update that selects the low-memory path
 
 
+def _warn_if_scanned(name: str, granularity: _pytree.Granularity) -> None:
+  """Warns that the low-memory path does not stream the gradients of stacked layers.
+
+  A scan's backward pass produces the per-task gradients of the whole stack at
+  once, in each of the two passes (linen ``nn.scan``, T = 8: 327 P of scratch
+  against 116 P on the stacked path).
+  """
+  if isinstance(granularity, _pytree.StackedLayers):
+    warnings.warn(
+      f"{name}: task_grads_fn with granularity {granularity!r}: the low-memory path "
+      "recomputes the scanned stack's per-task gradients and holds them whole; use the "
+      "stacked path (pass the stacked per-task gradients to update).",
+      stacklevel=1,
+    )
+
+
 def gram_transformation(
   method: Method, num_tasks: int, granularity: _pytree.Granularity
 ) -> optax.GradientTransformationExtraArgs:
@@ -162,6 +179,7 @@ def gram_transformation(
       leaves, _ = _pytree.check_task_axis(method.name, updates, params, num_tasks)
       return updates, lambda dependency: leaves
     _checks.check_task_grads_call(method.name, updates, params, task_grads_fn)
+    _warn_if_scanned(method.name, granularity)
 
     def computed(dependency: Any) -> Any:
       inputs = params if dependency is None else _after(params, dependency)

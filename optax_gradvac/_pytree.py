@@ -6,6 +6,7 @@ acts on ``[num_groups, T, T]`` arrays.
 """
 
 import dataclasses
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -34,6 +35,9 @@ class StackedLayers:
   ``blocks/0/mlp``, ``blocks/1/mlp``, ... The groups of a stack come in layer-major
   order, as the same model written with a Python loop over its blocks would give
   them. In the Gram form a stack's groups cost one batched contraction per leaf.
+  A prefix whose subtree is a sequence of per-layer subtrees (``blocks/0/...``,
+  ``blocks/1/...``: blocks written with a Python loop) is an error: ``"layer"``
+  already gives each of them its own groups.
 
   Args:
     *prefixes: the paths of the stacked subtrees, as :func:`group_names` writes
@@ -66,14 +70,6 @@ class StackedLayers:
 Granularity = str | Callable[[Any], Any] | StackedLayers
 
 
-def _path_of(path: KeyPath) -> KeyPath:
-  # nnx.Param leaves flatten with a trailing `.value` at init but not in the
-  # gradients that reach update: drop it so both derive the same groups.
-  if path and path[-1] == jax.tree_util.GetAttrKey("value"):
-    return path[:-1]
-  return path
-
-
 path_name = _checks.leaf_name
 
 
@@ -87,16 +83,84 @@ def check_granularity(granularity: Granularity) -> None:
     )
 
 
+# Haiku names the parameters created outside any module `~/name`: they lie at
+# the top of the model, as an Equinox field or a linen `self.param` of the root.
+_TOP_LEVEL_MODULES = ("", "~")
+
+
+def _layer_of(name: str) -> str:
+  """The ``"layer"`` group of the leaf named ``name``: the parent of its ``/``-separated name.
+
+  The name joins the keys of the leaf's path, so a nested tree
+  (``{"dense": {"kernel": ...}}``) and a flat dict keyed by paths
+  (``{"dense/kernel": ...}``, as keras variable paths or Haiku module names
+  give them) both make the group ``dense``. A leaf at the top of the tree (or
+  in Haiku's top-level module ``~``) has no parent layer: it is a group of its
+  own, named as the leaf.
+  """
+  parent = name.rpartition("/")[0]
+  return name if parent in _TOP_LEVEL_MODULES else parent
+
+
 def _labels(paths: Sequence[KeyPath], granularity: str) -> list[str]:
   if granularity == "model":
     return ["model"] * len(paths)
   if granularity == "layer":
-    return [path_name(_path_of(path)[:-1]) for path in paths]
+    return [_layer_of(path_name(path)) for path in paths]
   return [path_name(path) for path in paths]
+
+
+# More leaves than one layer usually holds (a kernel and a bias): one group for
+# them under a granularity finer than "model" means the tree hides its layers.
+_MANY_LEAVES = 3
+
+
+def _warn_if_one_group(granularity: Granularity, names: Sequence[str], num_leaves: int) -> None:
+  """Warns when a granularity finer than ``"model"`` finds one group for many leaves.
+
+  Python shows a warning once per message and place (the default filter), so a
+  model's warning appears once, at ``init`` or at the first trace of ``update``.
+  """
+  if callable(granularity) or granularity == "model" or len(names) != 1:
+    return
+  if num_leaves < _MANY_LEAVES:
+    return
+  warnings.warn(
+    f"granularity {granularity!r} puts all {num_leaves} leaves in one group, "
+    f"{names[0]!r}, as 'model' would: their paths share that parent. To group by "
+    "layer, pass the tree whose top holds the layers (e.g. variables['params'], not "
+    "variables), or a flat dict keyed by '/'-separated paths ({v.path: v.value} for "
+    "keras variables), or label the leaves with a callable granularity; to mean one "
+    "group, pass granularity='model'.",
+    stacklevel=1,
+  )
 
 
 def _stack_of(name: str, prefixes: Sequence[str]) -> str | None:
   return next((p for p in prefixes if name == p or name.startswith(p + "/")), None)
+
+
+def _check_not_unrolled(prefix: str, names: Sequence[str]) -> None:
+  """Rejects a prefix whose subtree is a sequence of per-layer subtrees (``blocks/0/...``).
+
+  Such a model is unrolled: every leaf is one layer's, and slicing its leading
+  axis would make fake layers of its rows.
+  """
+  elements = []
+  for name in names:
+    head, _, rest = name[len(prefix) + 1 :].partition("/")
+    if not (head.isdigit() and rest):
+      return
+    elements.append(f"{prefix}/{head}")
+  elements = sorted(set(elements), key=lambda element: int(element.rpartition("/")[2]))
+  shown = ", ".join(repr(element) for element in elements[:3]) + ", ..." * (len(elements) > 3)
+  raise ValueError(
+    f"StackedLayers: the subtree under {prefix!r} is a sequence of {len(elements)} "
+    f"subtrees ({shown}): an unrolled model, one subtree per layer, whose leaves do not "
+    "stack the layers on a leading axis. Use granularity='layer', which gives each of "
+    "them its own groups. (If each of them does stack the layers, name them as prefixes: "
+    f"StackedLayers({', '.join(repr(element) for element in elements[:2])}, ...).)"
+  )
 
 
 def _stacked_groups(
@@ -111,6 +175,10 @@ def _stacked_groups(
         f"StackedLayers: no leaf lies under the prefix {prefix!r}; the paths are "
         f"{sorted({path_name(path) for path, _ in flat})}."
       )
+    _check_not_unrolled(
+      prefix,
+      [path_name(path) for (path, _), stack in zip(flat, stacks, strict=True) if stack == prefix],
+    )
   num_layers: dict[str, tuple[int, str]] = {}
   for (path, leaf), stack in zip(flat, stacks, strict=True):
     if stack is None:
@@ -170,6 +238,7 @@ def leaf_groups(
   else:
     labels = _labels(paths, granularity)
   names = tuple(dict.fromkeys(labels))
+  _warn_if_one_group(granularity, names, len(labels))
   index = {name: position for position, name in enumerate(names)}
   return names, [index[label] for label in labels]
 
@@ -180,10 +249,12 @@ def group_names(params: Any, granularity: Granularity = "layer") -> tuple[str, .
   Args:
     params: the parameters (or any tree with the same paths, e.g. the stacked
       per-task gradients).
-    granularity: ``"model"`` (one group), ``"layer"`` (leaves grouped by their
-      parent path, e.g. a ``Dense`` layer's kernel and bias), ``"tensor"`` (one
-      group per leaf) or a callable ``params -> pytree of labels`` (leaves with
-      the same label share a group).
+    granularity: ``"model"`` (one group), ``"layer"`` (leaves grouped by the
+      parent of their ``/``-separated path, e.g. a ``Dense`` layer's kernel and
+      bias, in a nested tree or a flat dict keyed by paths such as
+      ``"dense/kernel"``; a leaf at the top of the tree is a group of its own),
+      ``"tensor"`` (one group per leaf) or a callable ``params -> pytree of
+      labels`` (leaves with the same label share a group).
 
   Returns:
     One name per group, e.g. ``("encoder/dense_0", "encoder/dense_1", ...)``
@@ -196,6 +267,13 @@ def group_names(params: Any, granularity: Granularity = "layer") -> tuple[str, .
     ...           "head": {"kernel": jnp.ones((3, 1))}}
     >>> ogv.group_names(params, "layer")
     ('dense', 'head')
+
+    Keyed by paths (keras variables' ``v.path``), with a bare array on top:
+
+    >>> flat = {"dense/kernel": jnp.ones((2, 3)), "dense/bias": jnp.ones(3),
+    ...         "head/kernel": jnp.ones((3, 1)), "scale": jnp.ones(())}
+    >>> ogv.group_names(flat, "layer")
+    ('dense', 'head', 'scale')
   """
   return leaf_groups(params, granularity)[0]
 

@@ -101,6 +101,7 @@ def task_value_and_grad(
   value_and_grad = jax.value_and_grad(checked_loss, has_aux=has_aux)
 
   def per_task(params: Any, *task_batches: Any) -> tuple[Any, Any]:
+    _checks.check_arrays(name, "parameter", params)
     _checks.check_task_batches(name, task_batches)
     in_axes = (None, *([0] * len(task_batches)))
     vectorised = jax.vmap(value_and_grad, in_axes=in_axes)
@@ -289,6 +290,7 @@ def segment_value_and_grad(
   _checks.check_flag("segment_value_and_grad", "has_aux", has_aux)
 
   def per_task(params: Any, task_ids: jax.Array, *batch: Any) -> tuple[Any, Any]:
+    _checks.check_arrays("segment_value_and_grad", "parameter", params)
     _checks.check_task_ids("segment_value_and_grad", task_ids)
 
     def task_losses(params: Any) -> tuple[jax.Array, Any]:

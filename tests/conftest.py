@@ -32,3 +32,7 @@ collect_ignore = [
   "sharding_low_memory_check.py",
   "sharded_task_gradients_check.py",
 ]
+
+# Keras reads its backend once, when it is first imported (tests/test_docs.py runs
+# the keras guide): the JAX one, in every process, xdist workers included.
+os.environ["KERAS_BACKEND"] = "jax"

@@ -20,6 +20,9 @@ PAGES = sorted(
 # An rst ``autosummary`` directive: its indented body, up to the first unindented line.
 AUTOSUMMARY = re.compile(r"^\.\. autosummary::\n((?:[ \t]+.*\n|\n)*)", re.MULTILINE)
 PYCON = re.compile(r"^```pycon\n(.*?)^```$", re.MULTILINE | re.DOTALL)
+# A page whose examples need optional packages names them, as in
+# `<!-- pycon requires: equinox -->`: without them its examples are skipped.
+REQUIRES = re.compile(r"^<!-- pycon requires: ([\w, ]+) -->$", re.MULTILINE)
 
 
 def autosummary_entries(text: str) -> list[str]:
@@ -59,6 +62,9 @@ def test_api_page_lists_every_public_symbol():
 )
 def test_pycon_examples_run(page):
   """The page's ``pycon`` blocks, in order, share one namespace, as in a doctest file."""
+  for requirement in REQUIRES.findall(page.read_text()):
+    for module in requirement.split(","):
+      pytest.importorskip(module.strip(), reason=f"{page.name} needs {module.strip()}")
   source = "\n".join(PYCON.findall(page.read_text()))
   parser = doctest.DocTestParser()
   test = parser.get_doctest(source, {}, page.name, str(page), 0)

@@ -344,11 +344,16 @@ def test_nnx_value_paths_give_the_same_layer_groups():
   """nnx flattens Param leaves with a trailing `.value` at init only."""
   from flax import nnx
 
-  model = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
-  with_value = nnx.state(model, nnx.Param)
+  class Model(nnx.Module):
+    def __init__(self, rngs):
+      self.dense = nnx.Linear(3, 2, rngs=rngs)
+      self.scale = nnx.Param(jnp.ones(2))  # on top: a group of its own
+
+  with_value = nnx.state(Model(nnx.Rngs(0)), nnx.Param)
   arrays = jax.tree.map(lambda x: x, nnx.to_pure_dict(with_value))
-  assert ogv.group_names(with_value, "layer") == ogv.group_names(arrays, "layer") == ("<root>",)
-  assert ogv.group_names(with_value, "tensor") == ("bias", "kernel")
+  assert ogv.group_names(with_value, "layer") == ogv.group_names(arrays, "layer")
+  assert ogv.group_names(arrays, "layer") == ("dense", "scale")
+  assert ogv.group_names(with_value, "tensor") == ("dense/bias", "dense/kernel", "scale")
 
 
 # Input errors, at trace time, naming the leaf and the shapes.

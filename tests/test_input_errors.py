@@ -42,9 +42,15 @@ Classes covered:
    per-group ``gradvac_coefficients``, orders of the wrong shape or dtype.
 10. Unusual but valid input that the checks must let through, each compared
     with an independent expectation.
+11. Groups that cannot follow the model: ``StackedLayers`` on an unrolled
+    sequence of blocks (a list, int keys, keys that are paths); one group for
+    many leaves under ``"layer"`` (a warning); the low-memory path on stacked
+    layers (a warning). The Equinox modules' errors are in
+    ``tests/test_frameworks.py``, which needs Equinox.
 """
 
 import functools
+import warnings
 
 import flax
 import jax
@@ -904,3 +910,93 @@ VALID = {
 @pytest.mark.parametrize("check", VALID.values(), ids=VALID)
 def test_valid_unusual_input_passes(check):
   check()
+
+
+# 11. Groups that cannot follow the model: stacks of unrolled layers, one group for many leaves.
+
+_BLOCK = {"dense": {"kernel": jnp.zeros((4, 4)), "bias": jnp.zeros(4)}}
+UNROLLED = {
+  # A Python list of blocks, an nnx list (int keys) and a dict keyed by paths.
+  "list": ({"blocks": [_BLOCK, _BLOCK, _BLOCK], "head": {"w": jnp.zeros(4)}}, "blocks", 3),
+  "int-keys": ({"encoder": {0: _BLOCK, 1: _BLOCK}}, "encoder", 2),
+  "path-keys": (
+    {"blocks/0/kernel": jnp.zeros((4, 4)), "blocks/1/kernel": jnp.zeros((4, 4))},
+    "blocks",
+    2,
+  ),
+}
+
+
+@pytest.mark.parametrize(
+  ("run", "params", "prefix", "count"),
+  [
+    pytest.param(run, *UNROLLED[name], id=f"{name}-{run}")
+    for name in UNROLLED
+    for run in ("eager", "jit")
+  ],
+)
+def test_stacked_layers_reject_unrolled_blocks(run, params, prefix, count):
+  tx = ogv.gradvac(NUM_TASKS, granularity=ogv.StackedLayers(prefix))
+  match = (
+    rf"StackedLayers: the subtree under '{prefix}' is a sequence of {count} subtrees "
+    rf"\('{prefix}/0', '{prefix}/1'.*an unrolled model.*Use granularity='layer'"
+  )
+  with pytest.raises(ValueError, match=match):
+    _call(run, tx.init, params)
+  with pytest.raises(ValueError, match=match):
+    ogv.group_names(params, ogv.StackedLayers(prefix))
+
+
+def test_stacked_layers_accept_stacks_named_by_their_elements():
+  # A stack whose blocks are a tuple of stacked sublayers: each element is named.
+  stack = {"blocks": ({"w": jnp.zeros((2, 4))}, {"w": jnp.zeros((2, 3))})}
+  assert ogv.group_names(stack, ogv.StackedLayers("blocks/0", "blocks/1")) == (
+    "blocks/0/0",
+    "blocks/0/1",
+    "blocks/1/0",
+    "blocks/1/1",
+  )
+
+
+ONE_GROUP = r"granularity 'layer' puts all 3 leaves in one group, 'params', as 'model' would"
+
+
+def test_one_group_for_many_leaves_warns_at_init_and_trace_time():
+  # linen variables, not params: the parameters of the top-level module under one parent
+  variables = {"params": {"w": jnp.zeros(3), "b": jnp.zeros(3), "scale": jnp.zeros(())}}
+  tx = ogv.gradvac(NUM_TASKS)
+  with pytest.warns(UserWarning, match=ONE_GROUP + r".*variables\['params'\].*'model'"):
+    state = tx.init(variables)
+  with pytest.warns(UserWarning, match=ONE_GROUP):
+    jax.eval_shape(tx.update, _stacked(variables), state, variables)
+  with pytest.warns(UserWarning, match=ONE_GROUP):
+    assert ogv.group_names(variables, "layer") == ("params",)
+
+
+def test_groups_that_follow_the_model_do_not_warn():
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    assert ogv.group_names({"w": jnp.zeros(3), "b": jnp.zeros(3)}, "layer") == ("b", "w")
+    assert ogv.group_names({"params": {"w": jnp.zeros(3)}}, "layer") == ("params",)
+    one_layer = {"dense": {"kernel": jnp.zeros((2, 3)), "bias": jnp.zeros(3)}}
+    assert ogv.group_names(one_layer, "layer") == ("dense",)
+    assert ogv.group_names({"params": {"w": jnp.zeros(3), "b": jnp.zeros(3)}}, "model")
+    assert ogv.group_names(jnp.zeros(3), "layer") == ("<root>",)
+
+
+def test_low_memory_path_on_stacked_layers_warns():
+  params = {"blocks": {"w": jnp.ones((2, 3))}, "head": {"w": jnp.ones(3)}}
+  tx = ogv.gradvac(NUM_TASKS, granularity=ogv.StackedLayers("blocks"))
+
+  def task_grads_fn(params):
+    return jnp.zeros(NUM_TASKS), _stacked(params)
+
+  match = (
+    r"gradvac: task_grads_fn with granularity StackedLayers\(.*\): the low-memory path "
+    r"recomputes the scanned stack's per-task gradients and holds them whole; use the "
+    r"stacked path"
+  )
+  with pytest.warns(UserWarning, match=match):
+    jax.eval_shape(
+      functools.partial(tx.update, task_grads_fn=task_grads_fn), None, tx.init(params), params
+    )

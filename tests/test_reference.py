@@ -49,7 +49,7 @@ GROUPS = {
 }
 GROUP_NAMES = {
   "model": ("model",),
-  "layer": ("dense_0", "dense_1", "embed", "<root>"),
+  "layer": ("dense_0", "dense_1", "embed", "scale"),
   "tensor": tuple(SHAPES),
   trunk_or_head: ("trunk", "head"),
 }
