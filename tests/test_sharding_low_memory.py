@@ -22,6 +22,8 @@ import host_devices
 import jax
 import pytest
 
+# One worker runs the module's tests, so the 8-device subprocess starts once (conftest.py).
+pytestmark = pytest.mark.xdist_group(__name__)
 _SCRIPT = pathlib.Path(__file__).with_name("sharding_low_memory_check.py")
 _LAYOUTS = ("fsdp", "tensor", "task", "data")
 _MODES = ("Auto", "Explicit")
@@ -53,8 +55,7 @@ _XFAIL = {
 
 @pytest.fixture(scope="module")
 def reports() -> dict[tuple[str, str, str], dict]:
-  # Once per module (about 80 s on 2 cores), in each pytest-xdist worker that
-  # runs one of its tests.
+  # Once per test run: the module's tests share one pytest-xdist worker.
   expected = [
     (check, layout, mode)
     for check in ("values", "memory")
