@@ -13,7 +13,7 @@ notebook is then written back in place with
 
 * its outputs (figures as PNG) and execution counts, without the volatile metadata that
   would make every run a diff (per-cell timings, widget state, the kernel's
-  ``language_info``);
+  ``language_info``), and without what went to stderr, which is printed instead;
 * ``metadata["optax_gradvac"]["stamp"]``: the SHA-256 of the notebook's code cells and
   the SHA-256 of the package's Python sources (``optax_gradvac/**/*.py``) it ran on;
 * ``metadata["optax_gradvac"]["executed_with"]``: the Python, jax, jaxlib, flax, optax and
@@ -105,6 +105,25 @@ def _executed_with() -> dict[str, str]:
   return {"python": platform.python_version(), **versions, "platform": jax.default_backend()}
 
 
+def clean(notebook: nbformat.NotebookNode, name: str) -> None:
+  """Drops per-cell timings and what went to stderr (shown here instead: the environment's
+  warnings, like tqdm's about ipywidgets, are not the notebook's output)."""
+  for index, cell in enumerate(notebook.cells):
+    cell.metadata.pop("execution", None)
+    if cell.cell_type != "code":
+      continue
+    for output in cell.outputs:
+      if output["output_type"] == "error":
+        raise RuntimeError(f"{name}: cell {index} saved an error")
+      if output["output_type"] == "stream" and output["name"] == "stderr":
+        print(f"  {name}: cell {index} wrote to stderr:\n{output['text']}", file=sys.stderr)
+    cell.outputs = [
+      output
+      for output in cell.outputs
+      if not (output["output_type"] == "stream" and output["name"] == "stderr")
+    ]
+
+
 def execute(path: pathlib.Path) -> float:
   """Runs one notebook at full size and saves it with outputs and stamp; returns seconds."""
   notebook = nbformat.read(path, as_version=4)
@@ -131,13 +150,7 @@ def execute(path: pathlib.Path) -> float:
     raise RuntimeError(f"{path.name}: the kernel imported {imported}, not {PACKAGE}")
   notebook.cells.pop()
 
-  for index, cell in enumerate(notebook.cells):
-    cell.metadata.pop("execution", None)
-    for output in cell.get("outputs", []):
-      if output["output_type"] == "error":
-        raise RuntimeError(f"{path.name}: cell {index} saved an error")
-      if output["output_type"] == "stream" and output["name"] == "stderr":
-        print(f"  {path.name}: cell {index} wrote to stderr:\n{output['text']}", file=sys.stderr)
+  clean(notebook, path.name)
   notebook.metadata = nbformat.from_dict(
     {
       **original_metadata,

@@ -62,7 +62,7 @@ def test_notebook_runs(path, notebook_environment):
   notebook.cells.append(nbformat.v4.new_code_cell("import sys\nprint(sys.prefix)"))
   client = nbclient.NotebookClient(
     notebook,
-    timeout=300,
+    timeout=600,
     kernel_name="python3",
     resources={"metadata": {"path": str(notebook_environment)}},
   )
