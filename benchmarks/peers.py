@@ -21,7 +21,7 @@ side's update, in float64 and in float32, against the float64 optimum of the
 tests' references (`tests/qp_reference.py`), and the step times.
 
   python benchmarks/peers.py [--quick] [--repeats N] [--only gradvac|closed_form|qp]
-  # needs the `peers` extra
+  # needs benchmarks/requirements-peers.txt
 """
 
 import argparse

@@ -1,8 +1,18 @@
 """Multi-task gradient surgery for Optax: Gradient Vaccine and PCGrad."""
 
+from optax_gradvac import _jaxlib
 from optax_gradvac._accumulation import multi_steps as multi_steps
 from optax_gradvac._gram import pairwise_cosine as pairwise_cosine
 from optax_gradvac._logging import similarity_summary as similarity_summary
+from optax_gradvac._loss_weighting.weightings import DWAState as DWAState
+from optax_gradvac._loss_weighting.weightings import FAMOState as FAMOState
+from optax_gradvac._loss_weighting.weightings import LossWeighting as LossWeighting
+from optax_gradvac._loss_weighting.weightings import dwa as dwa
+from optax_gradvac._loss_weighting.weightings import famo as famo
+from optax_gradvac._loss_weighting.weightings import gls as gls
+from optax_gradvac._loss_weighting.weightings import imtl_l as imtl_l
+from optax_gradvac._loss_weighting.weightings import stch as stch
+from optax_gradvac._loss_weighting.weightings import uw as uw
 from optax_gradvac._methods.aligned_mtl import aligned_mtl as aligned_mtl
 from optax_gradvac._methods.aligned_mtl import aligned_mtl_weights as aligned_mtl_weights
 from optax_gradvac._methods.baselines import mean_tasks as mean_tasks
@@ -35,9 +45,14 @@ from optax_gradvac._task_gradients import task_value_and_grad as task_value_and_
 
 __version__ = "0.1.0"
 
+_jaxlib.warn_if_miscompiling()
+
 __all__ = (
+  "DWAState",
+  "FAMOState",
   "GradVacState",
   "GramState",
+  "LossWeighting",
   "NashMTLSolution",
   "NashMTLState",
   "StackedLayers",
@@ -46,12 +61,16 @@ __all__ = (
   "aligned_mtl_weights",
   "cagrad",
   "cagrad_weights",
+  "dwa",
+  "famo",
   "from_bytes",
+  "gls",
   "gradvac",
   "gradvac_coefficients",
   "group_names",
   "imtl_g",
   "imtl_g_weights",
+  "imtl_l",
   "mean_tasks",
   "mgda",
   "mgda_weights",
@@ -62,10 +81,12 @@ __all__ = (
   "pcgrad",
   "segment_value_and_grad",
   "similarity_summary",
+  "stch",
   "sum_tasks",
   "task_value_and_grad",
   "to_bytes",
   "upgrad",
   "upgrad_weights",
+  "uw",
   "visiting_order",
 )

@@ -21,10 +21,19 @@ def load(name: str) -> ModuleType:
 
 
 @pytest.mark.parametrize(
-  "name", ["transform", "train_step", "compile_memory", "peers", "low_memory", "accelerator"]
+  "name",
+  [
+    "transform",
+    "train_step",
+    "compile_memory",
+    "peers",
+    "peers_losses",
+    "low_memory",
+    "accelerator",
+  ],
 )
 def test_quick_run_prints_a_table(name: str, capsys: pytest.CaptureFixture[str]) -> None:
-  if name == "peers":
+  if name in ("peers", "peers_losses"):
     pytest.importorskip("torchjd")
   tables = load(name).main(["--quick"]).split("\n\n")
   printed = capsys.readouterr().out
@@ -33,5 +42,5 @@ def test_quick_run_prints_a_table(name: str, capsys: pytest.CaptureFixture[str])
     lines = table.splitlines()
     assert lines[0].startswith("| ") and lines[1].startswith("|---|")
     assert len(lines) > 2
-  if name == "peers":
+  if name in ("peers", "peers_losses"):
     assert "| NO |" not in printed  # the agreement check with torchjd

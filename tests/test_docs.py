@@ -4,6 +4,7 @@ import doctest
 import pathlib
 import re
 
+import numpy as np
 import pytest
 
 import optax_gradvac
@@ -66,3 +67,15 @@ def test_pycon_examples_run(page):
   results = runner.summarize(verbose=False)
   assert results.attempted > 0
   assert results.failed == 0, f"{results.failed} example(s) failed in {page}; see the output above"
+
+
+def test_the_readme_quickstart_runs_as_written(capsys):
+  """The README's first example, verbatim: every task's loss falls, their sum threefold."""
+  readme = (DOCS.parent / "README.md").read_text()
+  (code,) = re.findall(r"^<!-- test:quickstart -->\n```python\n(.*?)^```$", readme, re.M | re.S)
+  exec(compile(code, "README.md", "exec"), {})
+  first, last = (
+    np.array(line.split("[")[1].rstrip("]").split(), float)
+    for line in capsys.readouterr().out.splitlines()
+  )
+  assert np.all(last < first) and last.sum() < first.sum() / 3, (first, last)
