@@ -1,26 +1,25 @@
 """Sphinx configuration for the optax_gradvac documentation.
 
-Build (from the repository root): ``sphinx-build -W --keep-going -b html docs docs/_build/html``.
-Nothing is downloaded at build time (no intersphinx). The notebooks in ``notebooks/`` are
-copied into ``docs/notebooks/`` and executed at their small size on every build.
+Build (from the repository root): ``sphinx-build -E -W --keep-going -b html docs docs/_build/html``.
+Nothing is downloaded at build time: the links into the jax, optax, flax and numpy docs
+come from the inventories committed in ``docs/_inventories/`` (written by
+``docs/_ext/inventories.py``). The notebooks in ``notebooks/`` are copied into
+``docs/notebooks/`` and rendered with the outputs committed in them (``python
+notebooks/execute.py`` writes those; the test suite executes the notebooks).
 """
 
 import inspect
-import json
-import os
 import pathlib
 import re
 import shutil
 import sys
-import tempfile
 
 DOCS = pathlib.Path(__file__).resolve().parent
 ROOT = DOCS.parent
 
-# Document (and run the notebooks against) this tree's code, installed or not.
+# Document this tree's code, installed or not.
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(DOCS / "_ext"))
-os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
 
 import optax_gradvac  # noqa: E402
 
@@ -28,6 +27,8 @@ project = "optax_gradvac"
 author = "optax_gradvac authors"
 copyright = "optax_gradvac authors"
 release = version = optax_gradvac.__version__
+REPOSITORY = "https://github.com/optax-gradvac/optax_gradvac"
+BRANCH = "main"
 
 extensions = [
   "myst_nb",
@@ -35,7 +36,11 @@ extensions = [
   "sphinx.ext.autosummary",
   "sphinx.ext.napoleon",
   "sphinx.ext.mathjax",
+  "sphinx.ext.intersphinx",
+  "sphinx.ext.linkcode",
+  "sphinx_copybutton",
   "api_coverage",
+  "public_names",
 ]
 
 exclude_patterns = [
@@ -48,16 +53,46 @@ exclude_patterns = [
 templates_path = ["_templates"]
 
 html_theme = "furo"
-html_title = "optax_gradvac"
+html_title = f"optax_gradvac {version}"
+html_theme_options = {
+  # "View this page" and "Edit this page" at the top of every page.
+  "source_repository": f"{REPOSITORY}/",
+  "source_branch": BRANCH,
+  "source_directory": "docs/",
+  "footer_icons": [
+    {
+      "name": "GitHub",
+      "url": REPOSITORY,
+      "html": (DOCS / "_static" / "github.svg").read_text(),  # GitHub's mark
+      "class": "",
+    },
+  ],
+}
 
-# Every reference must resolve. Names from jax, optax, flax, numpy and the standard
-# library cannot (no intersphinx, so the build works offline), nor can type variables
-# of private modules: they render as plain code text.
+# Links into the docs of the libraries the API speaks of, from the committed inventories
+# (docs/_ext/inventories.py writes them; nothing is fetched). Where an annotation names an
+# object by a private module (optax._src.base...), docs/_ext/public_names.py finds it.
+intersphinx_mapping = {
+  name: (url, str(DOCS / "_inventories" / f"{name}.inv"))
+  for name, url in [
+    ("jax", "https://docs.jax.dev/en/latest/"),
+    ("optax", "https://optax.readthedocs.io/en/latest/"),
+    ("flax", "https://flax.readthedocs.io/en/latest/"),
+    ("flax_linen", "https://flax-linen.readthedocs.io/en/latest/"),
+    ("numpy", "https://numpy.org/doc/stable/"),
+  ]
+}
+
+# Every reference must resolve. The standard library and chex have no inventory here,
+# and type variables of private modules have no page: they render as plain code text.
 nitpicky = True
 nitpick_ignore_regex = [
-  (r"py:.*", r"(jax|jaxlib|optax|flax|numpy|chex|collections\.abc|typing)(\..*)?"),
+  (r"py:.*", r"(chex|collections\.abc|typing)(\..*)?"),
   (r"py:class", r"optax_gradvac\._\w+\.[A-Z]\w*"),
 ]
+
+# Copy buttons copy the code without the prompts (.gp) and outputs (.go) of pycon blocks.
+copybutton_exclude = ".linenos, .gp, .go"
 
 # API pages.
 autosummary_generate = True
@@ -71,16 +106,12 @@ napoleon_numpy_docstring = False
 myst_enable_extensions = ["dollarmath", "colon_fence"]
 myst_heading_anchors = 3
 
-# Notebooks: executed on every build, at the small size the test suite uses.
-nb_execution_mode = "force"
-nb_execution_timeout = 600
-nb_execution_raise_on_error = True
-nb_execution_in_temp = True
-nb_execution_show_tb = True
+# Notebooks: rendered with the outputs committed in them (python notebooks/execute.py
+# writes those at full size; tests/test_notebooks.py executes every notebook).
+nb_execution_mode = "off"
 nb_output_stderr = "remove"
 nb_merge_streams = True
 nb_render_markdown_format = "gfm"  # the notebooks display Markdown tables
-os.environ.setdefault("OPTAX_GRADVAC_NOTEBOOK_SMALL", "1")
 
 
 def _copy_notebooks() -> None:
@@ -92,26 +123,23 @@ def _copy_notebooks() -> None:
     shutil.copy2(notebook, target / notebook.name)  # keeps mtimes: no needless rereads
 
 
-def _use_this_interpreter_as_kernel() -> None:
-  """Runs the notebooks with this Python, whatever other ``python3`` kernels exist.
-
-  The kernel spec goes first on ``JUPYTER_PATH`` (as in tests/test_notebooks.py).
-  """
-  spec_dir = pathlib.Path(tempfile.mkdtemp()) / "kernels" / "python3"
-  spec_dir.mkdir(parents=True)
-  spec = {
-    "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-    "display_name": "Python 3",
-    "language": "python",
-  }
-  (spec_dir / "kernel.json").write_text(json.dumps(spec))
-  os.environ["JUPYTER_PATH"] = os.pathsep.join(
-    filter(None, [str(spec_dir.parent.parent), os.environ.get("JUPYTER_PATH")])
-  )
-
-
 _copy_notebooks()
-_use_this_interpreter_as_kernel()
+
+
+def linkcode_resolve(domain: str, info: dict[str, str]) -> str | None:
+  """The lines on GitHub of an API object's source: the "[source]" link of its page."""
+  if domain != "py" or not info["module"].startswith("optax_gradvac"):
+    return None
+  value = sys.modules.get(info["module"])
+  for part in info["fullname"].split("."):
+    value = getattr(value, part, None)
+  try:
+    value = inspect.unwrap(value)  # the function under functools.wraps
+    path = pathlib.Path(inspect.getsourcefile(value)).resolve().relative_to(ROOT)
+    lines, first = inspect.getsourcelines(value)
+  except (TypeError, OSError, ValueError):  # no Python source (a NamedTuple field, a value)
+    return None
+  return f"{REPOSITORY}/blob/{BRANCH}/{path.as_posix()}#L{first}-L{first + len(lines) - 1}"
 
 
 # jax.typing's ArrayLike and DTypeLike are Unions that autodoc would print expanded.
@@ -153,6 +181,18 @@ def _namedtuple_fields(app, what, name, obj, options, lines):
   lines.append("")
 
 
+def _page_sources(app, pagename, templatename, context, doctree):
+  """Points "View/Edit this page" of the pages made from files outside docs/ at those files."""
+  del app, templatename, doctree
+  source = {"benchmarks": "benchmarks/README.md"}.get(pagename)
+  if pagename.startswith("notebooks/"):
+    source = f"{pagename}.ipynb"
+  if source:
+    context["theme_source_view_link"] = f"{REPOSITORY}/blob/{BRANCH}/{source}"
+    context["theme_source_edit_link"] = f"{REPOSITORY}/edit/{BRANCH}/{source}"
+
+
 def setup(app):
   app.connect("autodoc-process-signature", _short_jax_typing)
   app.connect("autodoc-process-docstring", _namedtuple_fields)
+  app.connect("html-page-context", _page_sources)

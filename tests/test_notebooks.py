@@ -1,5 +1,13 @@
-"""Runs every notebook in ``notebooks/`` at its small size: a cell that fails fails the test."""
+"""The notebooks in ``notebooks/``: every cell runs, and the saved outputs are current.
 
+Each notebook runs at its small size (``OPTAX_GRADVAC_NOTEBOOK_SMALL=1``), on a copy in
+memory, so that a cell that fails fails the test. The notebooks are committed with the
+outputs of a full-size run by ``notebooks/execute.py``, stamped with the hash of the code
+cells and of the package sources they ran on; a stamp that no longer matches fails, with
+the command that regenerates them.
+"""
+
+import importlib.util
 import json
 import pathlib
 import sys
@@ -10,7 +18,18 @@ nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 pytest.importorskip("ipykernel")
 
-NOTEBOOKS = sorted((pathlib.Path(__file__).parent.parent / "notebooks").glob("*.ipynb"))
+ROOT = pathlib.Path(__file__).parent.parent
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+
+
+def _load_execute_script():
+  spec = importlib.util.spec_from_file_location("execute", ROOT / "notebooks" / "execute.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+execute = _load_execute_script()
 
 
 @pytest.fixture
@@ -43,7 +62,7 @@ def test_notebook_runs(path, notebook_environment):
   notebook.cells.append(nbformat.v4.new_code_cell("import sys\nprint(sys.prefix)"))
   client = nbclient.NotebookClient(
     notebook,
-    timeout=300,
+    timeout=600,
     kernel_name="python3",
     resources={"metadata": {"path": str(notebook_environment)}},
   )
@@ -52,10 +71,32 @@ def test_notebook_runs(path, notebook_environment):
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda path: path.name)
-def test_notebook_is_saved_without_outputs(path):
+def test_saved_outputs_come_from_the_current_code(path):
   notebook = nbformat.read(path, as_version=4)
   nbformat.validate(notebook)
-  for index, cell in enumerate(notebook.cells):
-    if cell.cell_type == "code":
-      assert cell.outputs == [], f"{path.name}: cell {index} was saved with outputs"
-      assert cell.execution_count is None, f"{path.name}: cell {index} has an execution count"
+  regenerate = f"regenerate its outputs with `{execute.REGENERATE} {path.stem}` and commit it"
+  saved = notebook.metadata.get(execute.METADATA_KEY, {}).get("stamp")
+  assert saved is not None, f"{path.name} is saved without outputs or stamp: {regenerate}"
+  current = execute.stamp(notebook)
+  assert saved["code_cells"] == current["code_cells"], (
+    f"{path.name}: its code cells changed since its outputs were saved: {regenerate}"
+  )
+  assert saved["package"] == current["package"], (
+    f"{path.name}: the package sources (optax_gradvac/**/*.py) changed since its outputs "
+    f"were saved: {regenerate} (`{execute.REGENERATE}` reruns every notebook)"
+  )
+
+  code = [cell for cell in notebook.cells if cell.cell_type == "code"]
+  assert [cell.execution_count for cell in code] == list(range(1, len(code) + 1)), (
+    f"{path.name}: its code cells were not run once each, top to bottom: {regenerate}"
+  )
+  outputs = [output for cell in code for output in cell.outputs]
+  assert any("image/png" in output.get("data", {}) for output in outputs), (
+    f"{path.name} is saved without its figures: {regenerate}"
+  )
+  errors = [
+    index
+    for index, cell in enumerate(code)
+    if any(output.output_type == "error" for output in cell.outputs)
+  ]
+  assert not errors, f"{path.name}: code cells {errors} saved an error: {regenerate}"
