@@ -10,9 +10,24 @@ algorithm. The deep search is one command (tens of minutes on 2 CPU cores):
 ``--hypothesis-profile=deep`` selects it too, and wins over the variable.
 """
 
+import atexit
 import os
+import shutil
+import tempfile
 
 from hypothesis import HealthCheck, settings
+
+# One XLA compilation cache for the run: this process, its pytest-xdist workers (which
+# inherit the environment), the 8-device subprocesses and the notebooks' kernels. The
+# suite compiles the same programs many times over (every test builds its own
+# transformation, so jax's in-memory caches miss); a program compiled once is then
+# loaded, not compiled again. Set before jax is imported, which reads these variables.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _cache = tempfile.mkdtemp(prefix="optax_gradvac-tests-xla-")
+  atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+  os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+  os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 
 settings.register_profile("default", max_examples=20, deadline=None)
 settings.register_profile(
