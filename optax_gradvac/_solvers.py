@@ -195,10 +195,10 @@ def dual_cone_projection(
     ``[T]`` (or ``[K, T]``) weights :math:`v` of the projections.
 
   Example:
-    >>> import jax.numpy as jnp, numpy as np
+    >>> import jax, jax.numpy as jnp, numpy as np
     >>> from optax_gradvac._solvers import dual_cone_projection
     >>> g = jnp.array([[1.0, 0.0], [-1.0, 1.0]])
-    >>> v = dual_cone_projection(g @ g.T, jnp.array([1.0, 0.0]))  # project g_0
+    >>> v = jax.jit(dual_cone_projection)(g @ g.T, jnp.array([1.0, 0.0]))  # project g_0
     >>> print(np.asarray(v).round(4), np.asarray(v @ g).round(4))
     [1.  0.5] [0.5 0.5]
   """

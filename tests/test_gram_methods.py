@@ -455,8 +455,13 @@ def without_keys(state):
   )
 
 
-@parametrize_stepped
-@pytest.mark.parametrize("granularity", ["model", "layer"])
+# Both granularities for the stateful methods (their state is per group); the
+# others' weights are a function of each group's Gram matrix alone, and the
+# grouping is the pipeline's, tested above.
+@pytest.mark.parametrize(
+  ("name", "granularity"),
+  [(name, "layer") for name in STEPPED] + [("rlw", "model"), ("gradnorm", "model")],
+)
 def test_stepped_methods_match_their_reference_in_float64(name, granularity):
   """Four steps, each against the reference that saw the same ones.
 
@@ -527,7 +532,7 @@ def test_stepped_scaling_the_gradients(name, scale):
   )
 
 
-@parametrize_stepped
+@pytest.mark.parametrize("name", ["fairgrad", "dualproj", "config"])
 def test_stepped_bfloat16_gradients_use_float32_math(name):
   """Against the reference on the bfloat16 values: the update's rounding to
   bfloat16 (half a unit, 2**-9 relative) dominates float32's; bound 2**-8."""
@@ -540,3 +545,17 @@ def test_stepped_bfloat16_gradients_use_float32_math(name):
   expected = split_updates(references, grads, "layer")
   for name_, value in flat(updates).items():
     np.testing.assert_allclose(value, expected[name_], atol=2**-8 * np.abs(expected[name_]).max())
+
+
+@pytest.mark.parametrize("name", ["rlw", "gradnorm"])
+def test_stepped_bfloat16_gradients_keep_float32_state(name):
+  """RLW and GradNorm compute nothing but weighted sums in bfloat16's place: their dtypes
+  are checked by tracing alone (no compile); the pipeline's float32 sums are tested above."""
+  grads = jax.tree.map(lambda g: jnp.asarray(g, jnp.bfloat16), stepped_grads(0, np.float32))
+  tx, _ = stepped_transformation(name, "layer")
+  updates, state = jax.eval_shape(
+    lambda grads: stepped_call(name, "layer", grads, tx.init(params_like(grads)), 0), grads
+  )
+  floating = [x for x in jax.tree.leaves(state) if jnp.issubdtype(x.dtype, jnp.floating)]
+  assert len(floating) >= 2 and all(leaf.dtype == jnp.float32 for leaf in floating)
+  assert all(leaf.dtype == jnp.bfloat16 for leaf in jax.tree.leaves(updates))

@@ -56,10 +56,10 @@ def config_weights(gram: jax.typing.ArrayLike) -> jax.Array:
     change when all gradients are scaled by the same factor.
 
   Example:
-    >>> import jax.numpy as jnp
+    >>> import jax, jax.numpy as jnp
     >>> import optax_gradvac as ogv
     >>> g = jnp.array([[2.0, 0.0], [0.0, 1.0]])  # orthogonal: the diagonal direction
-    >>> weights = ogv.config_weights(g @ g.T)
+    >>> weights = jax.jit(ogv.config_weights)(g @ g.T)
     >>> print(weights.round(4), (weights @ g).round(4))  # length 2 / sqrt(2) + 1 / sqrt(2)
     [0.75 1.5 ] [1.5 1.5]
 

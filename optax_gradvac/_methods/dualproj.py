@@ -44,10 +44,10 @@ def dualproj_weights(gram: jax.typing.ArrayLike) -> jax.Array:
     ``[T]`` task weights (0 for absent tasks), each at least ``1 / T'``.
 
   Example:
-    >>> import jax.numpy as jnp, numpy as np
+    >>> import jax, jax.numpy as jnp, numpy as np
     >>> import optax_gradvac as ogv
     >>> g = jnp.array([[1.0, 1.0], [-3.0, 0.0]])  # the mean (-1, 0.5) opposes task 0
-    >>> w = ogv.dualproj_weights(g @ g.T)
+    >>> w = jax.jit(ogv.dualproj_weights)(g @ g.T)
     >>> print(np.asarray(w).round(4), np.asarray(w @ g).round(4))
     [0.75 0.5 ] [-0.75  0.75]
 

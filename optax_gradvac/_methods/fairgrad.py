@@ -149,10 +149,10 @@ def fairgrad_weights(
     update by :math:`c^{(1 - \alpha) / (1 + \alpha)}`.
 
   Example:
-    >>> import jax.numpy as jnp
+    >>> import jax, jax.numpy as jnp
     >>> import optax_gradvac as ogv
     >>> g = jnp.array([[2.0, 0.0], [0.0, 1.0]])  # orthogonal: w_t = |g_t|^(-2 alpha / (alpha + 1))
-    >>> weights = ogv.fairgrad_weights(g @ g.T, alpha=3.0)
+    >>> weights = jax.jit(ogv.fairgrad_weights)(g @ g.T, alpha=3.0)
     >>> print(weights.round(4), (weights @ g).round(4))
     [0.3536 1.    ] [0.7071 1.    ]
 
