@@ -198,19 +198,28 @@ def config(grads: np.ndarray) -> np.ndarray:
   return np.sum(grads @ direction) * direction
 
 
-def rlw_weights(key: int, num_tasks: int, steps: int) -> np.ndarray:
-  """Lin et al. (2022): ``softmax(z)``, ``z ~ N(0, I)``, one draw per step: ``[steps, T]``.
+def rlw_logits(key: int, num_tasks: int, steps: int) -> np.ndarray:
+  """The standard normal draws of ``rlw(num_tasks, key=key)``, ``[steps, T]`` float32.
 
-  The draws are jax's (the transformation's key, split once per step: the
-  second half draws, the first carries on), the softmax numpy's in float64.
+  jax's own draws: the transformation's key, split once per step (the second
+  half draws, the first carries on).
   """
   key_array = jax.random.key(key)
   rows = []
   for _ in range(steps):
     key_array, draw = jax.random.split(key_array)
-    logits = np.asarray(jax.random.normal(draw, (num_tasks,), jnp.float32), np.float64)
-    rows.append(np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum())
+    rows.append(np.asarray(jax.random.normal(draw, (num_tasks,), jnp.float32)))
   return np.stack(rows)
+
+
+def rlw_weights(key: int, num_tasks: int, steps: int) -> np.ndarray:
+  """Lin et al. (2022): ``softmax(z)``, ``z ~ N(0, I)``, one draw per step: ``[steps, T]``.
+
+  The draws are :func:`rlw_logits`, the softmax numpy's in float64.
+  """
+  logits = rlw_logits(key, num_tasks, steps).astype(np.float64)
+  exponentials = np.exp(logits - logits.max(axis=1, keepdims=True))
+  return exponentials / exponentials.sum(axis=1, keepdims=True)
 
 
 class GradNorm:
