@@ -20,7 +20,12 @@ Then MGDA, CAGrad and UPGrad, whose weights solve a convex program: each
 side's update, in float64 and in float32, against the float64 optimum of the
 tests' references (`tests/qp_reference.py`), and the step times.
 
-  python benchmarks/peers.py [--quick] [--repeats N] [--only gradvac|closed_form|qp]
+Then ConFIG and RLW (closed forms: RLW's against torchjd's `Random` fed the
+same draws) and DualProj and FairGrad (solvers) likewise; torchjd has no
+GradNorm.
+
+  python benchmarks/peers.py [--quick] [--repeats N]
+                             [--only gradvac|closed_form|qp|config_rlw|dualproj_fairgrad]
   # needs benchmarks/requirements-peers.txt
 """
 
@@ -44,9 +49,13 @@ from torchjd.aggregation import (
   MGDA,
   AlignedMTL,
   CAGrad,
+  ConFIG,
+  DualProj,
+  FairGrad,
   GradVac,
   NashMTL,
   PCGrad,
+  Random,
   UPGrad,
 )
 
@@ -487,6 +496,158 @@ def qp_methods_tables(quick: bool, repeats: int, num_leaves: int, leaf_size: int
   return check_table + "\n\n" + speed_table
 
 
+# ConFIG, RLW, DualProj and FairGrad: the closed forms against torchjd in float64,
+# every side against the float64 reference or optimum, and speed.
+
+FAIRGRAD_ALPHA = 2.0  # the official code's; torchjd's FairGrad has no default
+
+
+def newer_method(method: str, num_tasks: int, granularity: str) -> tuple[Any, Callable[..., Any]]:
+  """Our transform and a maker of torchjd's aggregator (given a dtype), each with its defaults.
+
+  RLW: torchjd's `Random` draws `torch.randn`; the agreement check feeds it our draws.
+  FairGrad: alpha = 2 on both sides.
+  """
+  if method == "config":
+    return ogv.config(num_tasks, granularity=granularity), lambda dtype: ConFIG()
+  if method == "rlw":
+    return ogv.rlw(num_tasks, key=0, granularity=granularity), lambda dtype: Random()
+  if method == "dualproj":
+    return ogv.dualproj(num_tasks, granularity=granularity), lambda dtype: DualProj()
+  tx = ogv.fairgrad(num_tasks, FAIRGRAD_ALPHA, granularity=granularity)
+  return tx, lambda dtype: FairGrad(FAIRGRAD_ALPHA)
+
+
+def newer_reference(method: str, grads: np.ndarray, weights: np.ndarray) -> np.ndarray:
+  """The float64 update of one group: the papers' formulas or optima (`tests/`).
+
+  DualProj's exhaustive reference gets the `[T, T]` rows of the group's QR
+  factor, as in `qp_reference_update`; FairGrad's is solved without our penalty
+  (its effect on these problems is far below float64 rounding), so both sides
+  are measured against the exact alpha-fair weights.
+  """
+  if method == "config":
+    return closed_form_reference.config(grads)
+  if method == "rlw":
+    return weights @ grads
+  if method == "dualproj":
+    basis, triangle = np.linalg.qr(grads.T)
+    return basis @ qp_reference.dualproj(triangle.T)
+  return closed_form_reference.fairgrad(grads, FAIRGRAD_ALPHA) @ grads
+
+
+@contextlib.contextmanager
+def torch_draws(logits: np.ndarray) -> Iterator[None]:
+  """Makes torchjd's `Random` draw `logits` (ours for the step) instead of `torch.randn`."""
+
+  def randn(*size: Any, dtype: Any = None, device: Any = None) -> torch.Tensor:
+    assert size == (len(logits),)
+    return torch.as_tensor(logits, dtype=dtype, device=device)
+
+  with mock.patch.object(torch, "randn", randn):
+    yield
+
+
+def newer_agreement(
+  method: str, granularity: str, num_tasks: int, steps: int, leaf_size: int
+) -> tuple[Any, ...]:
+  """Each side, in float64 and float32, against the reference; closed forms also to each other."""
+  num_leaves, per_layer = 4, granularity == "layer"
+  num_groups = num_leaves if per_layer else 1
+  tx, make = newer_method(method, num_tasks, granularity)
+  initial = make_leaves(num_tasks, num_leaves, leaf_size, 0)
+  ours = Ours(tx, initial)
+  with jax.enable_x64(True):
+    ours64 = Ours(tx, [leaf.astype(np.float64) for leaf in initial])
+  theirs = Theirs(lambda: make(torch.float32), num_groups)
+  theirs64 = Theirs(lambda: make(torch.float64), num_groups)
+  logits = closed_form_reference.rlw_logits(0, num_tasks, steps)
+  weights = closed_form_reference.rlw_weights(0, num_tasks, steps)
+  errors = dict.fromkeys(("pair", "ours64", "theirs64", "ours", "theirs"), 0.0)
+  for step in range(steps):
+    leaves = make_leaves(num_tasks, num_leaves, leaf_size, seed=100 + step)
+    leaves64 = [leaf.astype(np.float64) for leaf in leaves]
+    groups = [leaves64] if not per_layer else [[leaf] for leaf in leaves64]
+    expected = np.concatenate(
+      [newer_reference(method, np.concatenate(group, axis=1), weights[step]) for group in groups]
+    )
+    with torch_draws(logits[step]) if method == "rlw" else contextlib.nullcontext():
+      updates = {
+        "theirs64": theirs64.step(torch_inputs(leaves64, per_layer)).numpy(),
+        "theirs": theirs.step(torch_inputs(leaves, per_layer)).numpy(),
+      }
+    with jax.enable_x64(True):
+      updates["ours64"] = flat_update(ours64.step(as_tree(leaves64)))
+    updates["ours"] = flat_update(ours.step(as_tree(leaves)))
+    for name, update in updates.items():
+      errors[name] = max(errors[name], relative_error(update, expected))
+    errors["pair"] = max(errors["pair"], relative_error(updates["ours64"], updates["theirs64"]))
+  closed_form = method in ("config", "rlw")
+  if closed_form:
+    verdict = errors["pair"] <= 1e-5
+  else:
+    verdict = errors["ours"] <= max(errors["theirs"], 1e-5)
+  return (
+    method,
+    granularity,
+    num_tasks,
+    steps,
+    errors["pair"] if closed_form else "-",
+    errors["ours64"],
+    errors["theirs64"],
+    errors["ours"],
+    errors["theirs"],
+    "yes" if verdict else "NO",
+  )
+
+
+def newer_methods_tables(
+  methods: Sequence[str], quick: bool, repeats: int, num_leaves: int, leaf_size: int
+) -> str:
+  """Prints the agreement and speed tables of `methods` (ConFIG, RLW, DualProj, FairGrad)."""
+  check_size, steps = (100, 3) if quick else (20_000, 5)
+  task_counts = (4,) if quick else (8, 16)
+  checks = []
+  for method in methods:
+    for granularity in ("model", "layer"):
+      for num_tasks in task_counts:
+        checks.append(newer_agreement(method, granularity, num_tasks, steps, check_size))
+        print(f"{method} {granularity} T={num_tasks}: {checks[-1][4:]}", flush=True)
+  check_table = _harness.markdown_table(
+    (
+      "method",
+      "granularity",
+      "T",
+      "steps",
+      "float64: ours vs torchjd",
+      "float64: ours vs reference",
+      "float64: torchjd vs reference",
+      "float32: ours vs reference",
+      "float32: torchjd vs reference",
+      "agree / ours as close",
+    ),
+    checks,
+  )
+  print(f"\n## Agreement: {', '.join(methods)} (4 leaves of {check_size})\n")
+  print(check_table)
+  rows = []
+  for method in methods:
+    for granularity in ("model", "layer"):
+      for num_tasks in task_counts:
+        leaves = make_leaves(num_tasks, num_leaves, leaf_size, seed=num_tasks)
+        rows.append(
+          gram_method_speed(method, granularity, num_tasks, leaves, repeats, configure=newer_method)
+        )
+        print(f"{method} {granularity} T={num_tasks}: ratio {rows[-1][-1]:.4f}", flush=True)
+  speed_table = _harness.markdown_table(
+    ("method", "granularity", "groups", "T", "ours ms", "torchjd ms", "ours / torchjd"), rows
+  )
+  print(f"\n## Step time of {', '.join(methods)}, P = {num_leaves * leaf_size:,}\n")
+  print(speed_table)
+  print(f"medians of {repeats} interleaved repetitions after one warm-up call each")
+  return check_table + "\n\n" + speed_table
+
+
 def split_only(argv: Sequence[str] | None) -> tuple[set[str], list[str]]:
   """Takes `--only a,b` (parts to run: gradvac, closed_form, qp; default all) out of argv."""
   parser = argparse.ArgumentParser(add_help=False)
@@ -498,7 +659,7 @@ def split_only(argv: Sequence[str] | None) -> tuple[set[str], list[str]]:
   return parts, rest
 
 
-PARTS = ("gradvac", "closed_form", "qp")
+PARTS = ("gradvac", "closed_form", "qp", "config_rlw", "dualproj_fairgrad")
 
 
 def main(argv: Sequence[str] | None = None) -> str:
@@ -527,6 +688,10 @@ def main(argv: Sequence[str] | None = None) -> str:
     tables.append(gram_methods_tables(args.quick, repeats, num_leaves, leaf_size))
   if "qp" in parts:
     tables.append(qp_methods_tables(args.quick, repeats, num_leaves, leaf_size))
+  for part in ("config_rlw", "dualproj_fairgrad"):
+    if part in parts:
+      methods = part.split("_")
+      tables.append(newer_methods_tables(methods, args.quick, repeats, num_leaves, leaf_size))
   return "\n\n".join(tables)
 
 

@@ -25,6 +25,7 @@ from typing import Any
 import _harness
 import jax
 import jax.numpy as jnp
+import optax
 
 import optax_gradvac as ogv
 
@@ -49,6 +50,28 @@ METHODS.update(
     "mgda": (lambda t, g: ogv.mgda(t, granularity=g), 1.3, 2.0),
     "cagrad": (lambda t, g: ogv.cagrad(t, granularity=g), 1.3, 2.0),
     "upgrad": (lambda t, g: ogv.upgrad(t, granularity=g), 1.3, 2.0),
+  }
+)
+
+
+def with_losses(tx: Any, num_tasks: int) -> optax.GradientTransformation:
+  """`tx` whose update is given fixed per-task losses (GradNorm needs them)."""
+  losses = jnp.linspace(1.0, 2.0, num_tasks)
+
+  def update(updates: Any, state: Any, params: Any = None) -> Any:
+    return tx.update(updates, state, params, losses=losses)
+
+  return optax.GradientTransformation(tx.init, update)
+
+
+# FairGrad (Newton), DualProj (a QP), ConFIG (closed form), RLW and GradNorm.
+METHODS.update(
+  {
+    "fairgrad": (lambda t, g: ogv.fairgrad(t, granularity=g), 1.3, 2.0),
+    "dualproj": (lambda t, g: ogv.dualproj(t, granularity=g), 1.3, 2.0),
+    "config": (lambda t, g: ogv.config(t, granularity=g), 1.3, 2.0),
+    "rlw": (lambda t, g: ogv.rlw(t, granularity=g), 1.3, 2.0),
+    "gradnorm": (lambda t, g: with_losses(ogv.gradnorm(t, granularity=g), t), 1.3, 2.0),
   }
 )
 
@@ -115,8 +138,8 @@ def main(argv: Sequence[str] | None = None) -> str:
   """Prints the ratio table; returns it."""
   methods, tasks, argv = split_options(argv)
   args = _harness.parse_args(argv, __doc__.splitlines()[0])
-  if args.quick:
-    task_counts, granularities, num_layers, width = (2, 4), ("model", "layer"), 3, 16
+  if args.quick:  # one case per method: a smoke test
+    task_counts, granularities, num_layers, width = (3,), ("layer",), 3, 16
   else:
     task_counts, granularities, num_layers, width = (2, 4, 8, 16, 64), GRANULARITIES, 25, 400
   task_counts = tasks or task_counts

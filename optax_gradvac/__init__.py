@@ -19,6 +19,14 @@ from optax_gradvac._methods.baselines import mean_tasks as mean_tasks
 from optax_gradvac._methods.baselines import sum_tasks as sum_tasks
 from optax_gradvac._methods.cagrad import cagrad as cagrad
 from optax_gradvac._methods.cagrad import cagrad_weights as cagrad_weights
+from optax_gradvac._methods.config import config as config
+from optax_gradvac._methods.config import config_weights as config_weights
+from optax_gradvac._methods.dualproj import dualproj as dualproj
+from optax_gradvac._methods.dualproj import dualproj_weights as dualproj_weights
+from optax_gradvac._methods.fairgrad import fairgrad as fairgrad
+from optax_gradvac._methods.fairgrad import fairgrad_weights as fairgrad_weights
+from optax_gradvac._methods.gradnorm import GradNormState as GradNormState
+from optax_gradvac._methods.gradnorm import gradnorm as gradnorm
 from optax_gradvac._methods.gradvac import GradVacState as GradVacState
 from optax_gradvac._methods.gradvac import Surgery as Surgery
 from optax_gradvac._methods.gradvac import gradvac as gradvac
@@ -33,6 +41,8 @@ from optax_gradvac._methods.nash_mtl import NashMTLSolution as NashMTLSolution
 from optax_gradvac._methods.nash_mtl import NashMTLState as NashMTLState
 from optax_gradvac._methods.nash_mtl import nash_mtl as nash_mtl
 from optax_gradvac._methods.nash_mtl import nash_mtl_weights as nash_mtl_weights
+from optax_gradvac._methods.rlw import RLWState as RLWState
+from optax_gradvac._methods.rlw import rlw as rlw
 from optax_gradvac._methods.upgrad import upgrad as upgrad
 from optax_gradvac._methods.upgrad import upgrad_weights as upgrad_weights
 from optax_gradvac._pipeline import GramState as GramState
@@ -50,21 +60,30 @@ _jaxlib.warn_if_miscompiling()
 __all__ = (
   "DWAState",
   "FAMOState",
+  "GradNormState",
   "GradVacState",
   "GramState",
   "LossWeighting",
   "NashMTLSolution",
   "NashMTLState",
+  "RLWState",
   "StackedLayers",
   "Surgery",
   "aligned_mtl",
   "aligned_mtl_weights",
   "cagrad",
   "cagrad_weights",
+  "config",
+  "config_weights",
+  "dualproj",
+  "dualproj_weights",
   "dwa",
+  "fairgrad",
+  "fairgrad_weights",
   "famo",
   "from_bytes",
   "gls",
+  "gradnorm",
   "gradvac",
   "gradvac_coefficients",
   "group_names",
@@ -79,6 +98,7 @@ __all__ = (
   "nash_mtl_weights",
   "pairwise_cosine",
   "pcgrad",
+  "rlw",
   "segment_value_and_grad",
   "similarity_summary",
   "stch",

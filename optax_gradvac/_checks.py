@@ -119,6 +119,13 @@ def check_positive(name: str, arg: str, value: Any) -> None:
     raise ValueError(f"{name}: {arg} must be positive and finite, got {value}.")
 
 
+def check_nonnegative(name: str, arg: str, value: Any) -> None:
+  """A non-negative, finite scalar; the range is checked only on Python numbers."""
+  _check_scalar(name, arg, value)
+  if isinstance(value, numbers.Real) and not 0 <= value < float("inf"):
+    raise ValueError(f"{name}: {arg} must be non-negative and finite, got {value}.")
+
+
 def check_transformation(name: str, tx: Any) -> None:
   """An object with ``init`` and ``update``, not the factory that builds one."""
   if not (callable(getattr(tx, "init", None)) and callable(getattr(tx, "update", None))):
@@ -416,6 +423,27 @@ def check_restorable(name: str, target: Any, saved: Any) -> None:
 
 
 # Per-task losses.
+
+
+def check_task_losses(name: str, losses: Any, num_tasks: int) -> None:
+  """The ``losses=`` argument of ``update``: a float array ``[T]``, one loss per task."""
+  if losses is None:
+    raise ValueError(
+      f"{name}: update needs the per-task losses: call tx.update(grads, state, params, "
+      f"losses=losses) with losses of shape ({num_tasks},), e.g. the first output of "
+      "ogv.task_value_and_grad (optax.chain and nnx.Optimizer.update pass it on)."
+    )
+  if not hasattr(losses, "shape") and not isinstance(losses, list | tuple):
+    raise TypeError(
+      f"{name}: losses must be an array of shape ({num_tasks},), got {_describe(losses)}."
+    )
+  if not jnp.issubdtype(_dtype(losses), jnp.floating):
+    raise TypeError(f"{name}: losses is {_describe(losses)}; it must be a float array.")
+  if _shape(losses) != (num_tasks,):
+    raise ValueError(
+      f"{name}: losses has shape {_shape(losses)} but num_tasks={num_tasks}: expected one "
+      f"loss per task, shape ({num_tasks},)."
+    )
 
 
 def check_loss_output(name: str, output: Any, has_aux: bool) -> None:

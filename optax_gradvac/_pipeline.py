@@ -44,19 +44,27 @@ class Method(NamedTuple):
     name: the public name, used in error messages.
     init: ``(num_groups, num_tasks, dtype) -> state``; the state is a NamedTuple
       with (at least) the fields of :class:`GramState`.
-    weigh: ``(gram [G, T, T], state) -> (weights [G, T], state)``: the task
+    weigh: ``(gram [G, T, T], state, **inputs) -> (weights [G, T], state)``: the task
       weights of every group, and the method's own fields of the new state (the
       pipeline fills in ``count``, ``cosine`` and ``weights``).
     fallback: the weight of every task when a gradient is not finite.
     homogeneous: whether the method's update is homogeneous of degree 1 in the
       gradients (``c g`` gives ``c`` times the update); otherwise of degree 0.
+      A method of another degree takes ``"scale"`` among its ``inputs`` and
+      corrects its weights itself.
+    inputs: what ``weigh`` also needs, passed to it as keyword arguments of
+      these names: ``"scale"``, the ``[G]`` powers of two that the Gram matrices
+      were divided by (see :func:`_pytree.scaled_gram_matrices`; 1 unless they
+      overflowed), or the name of an extra keyword argument of ``update`` (such
+      as ``"losses"``; ``None`` when the caller did not pass it).
   """
 
   name: str
   init: Callable[[int, int, jnp.dtype], State]
-  weigh: Callable[[jax.Array, State], tuple[jax.Array, State]]
+  weigh: Callable[..., tuple[jax.Array, State]]
   fallback: float = 1.0
   homogeneous: bool = True
+  inputs: tuple[str, ...] = ()
 
 
 def gram_state(num_groups: int, num_tasks: int, dtype: jnp.dtype) -> GramState:
@@ -220,7 +228,9 @@ def gram_transformation(
     gram, scale = _pytree.scaled_gram_matrices(
       leaves_after, groups, len(names), dtype, recomputed=recomputed
     )
-    weights, new_state = method.weigh(gram, state)
+    available = {**extra_args, "scale": scale}
+    inputs = {name: available.get(name) for name in method.inputs}
+    weights, new_state = method.weigh(gram, state, **inputs)
     if not method.homogeneous:
       # The weights are those of the gradients divided by `scale` (per group).
       weights = weights / scale[:, None]

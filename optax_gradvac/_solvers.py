@@ -169,6 +169,44 @@ def nonnegative_qp(
   return x[0] if single else x
 
 
+def dual_cone_projection(
+  gram: jax.typing.ArrayLike, weights: jax.typing.ArrayLike, **solver_options
+) -> jax.Array:
+  r"""The weights of the projection of :math:`\sum_t u_t g_t` onto the dual cone of the vectors.
+
+  The dual cone of vectors :math:`g_1, \dots, g_T` is :math:`\{x : \langle g_t,
+  x \rangle \ge 0 \ \forall t\}`. The projection of :math:`J^\top u` onto it
+  (``J`` the matrix whose rows are the vectors) is :math:`J^\top v` with
+  (Proposition 1 of Quinton and Rey, 2024)
+
+  .. math::
+    v = \operatorname*{argmin}_{v \ge u} v^\top G v,
+
+  solved by :func:`nonnegative_qp` in :math:`x = v - u \ge 0`: the quadratic
+  :math:`G`, the linear term :math:`G u`. Several ``u`` (the rows of ``weights``)
+  are projected together. A vector of norm 0 keeps its weight (:math:`v_t = u_t`).
+
+  Args:
+    gram: ``[T, T]`` Gram matrix of the vectors.
+    weights: ``[T]`` weights :math:`u` of the vector to project, or ``[K, T]``.
+    **solver_options: passed to :func:`nonnegative_qp`.
+
+  Returns:
+    ``[T]`` (or ``[K, T]``) weights :math:`v` of the projections.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, numpy as np
+    >>> from optax_gradvac._solvers import dual_cone_projection
+    >>> g = jnp.array([[1.0, 0.0], [-1.0, 1.0]])
+    >>> v = jax.jit(dual_cone_projection)(g @ g.T, jnp.array([1.0, 0.0]))  # project g_0
+    >>> print(np.asarray(v).round(4), np.asarray(v @ g).round(4))
+    [1.  0.5] [0.5 0.5]
+  """
+  gram, weights = jnp.asarray(gram), jnp.asarray(weights)
+  excess = nonnegative_qp(gram, _matmul(weights, gram), **solver_options)
+  return weights + excess
+
+
 def min_norm_weights(
   gram: jax.typing.ArrayLike, mask: jax.typing.ArrayLike | None = None, **solver_options
 ) -> jax.Array:

@@ -1,6 +1,6 @@
-"""Float64 references for IMTL-G, Aligned-MTL and Nash-MTL, written from the papers.
+"""Float64 references for IMTL-G, Aligned-MTL, Nash-MTL, FairGrad and ConFIG, from the papers.
 
-Plain numpy (and scipy for Nash-MTL's fixed point) on the flattened ``[T, P]``
+Plain numpy (and scipy for the fixed points of Nash-MTL and FairGrad) on the flattened ``[T, P]``
 gradients of one group: no Gram-matrix tricks shared with the library. Tasks
 whose gradient is zero are dropped before the method runs and get weight 0.
 """
@@ -120,6 +120,144 @@ def nash_mtl(grads: np.ndarray, max_weight: float | None = None) -> np.ndarray:
   residual = np.max(np.abs(objective(solution.x)[1]))
   assert residual < 1e-10, f"the reference did not converge: residual {residual}"
   return np.exp(solution.x) / np.sqrt(largest)
+
+
+@with_absent_tasks
+def fairgrad(grads: np.ndarray, alpha: float, max_weight: float | None = None) -> np.ndarray:
+  """Ban and Ji (2024), Eq. 4: the ``w > 0`` with ``G w = w^(-1/alpha)``.
+
+  The minimiser of the convex ``w^T G w / 2 - sum(h(w))``, ``h'(w) = w^(-1/alpha)``,
+  plus a penalty whose derivative is ``w_t^(-1/alpha) (beta_t / max_weight)^8 / alpha``,
+  ``beta_t = |g_t| w_t^(1/alpha)``, when ``max_weight`` is given, on the Gram matrix divided
+  by its largest diagonal entry ``lambda`` (the weights of ``G`` are
+  ``lambda^(-alpha / (alpha + 1))`` times those). scipy's exact-Hessian
+  trust-region method in log variables ``w = exp(x)`` from ``x = 0``, then its
+  root finder on the relative residual ``w^(1/alpha) (G w) - 1 (+ penalty)``,
+  checked to 1e-9.
+  """
+  gram = grads @ grads.T
+  largest = gram.diagonal().max()
+  gram = gram / largest
+  norms = np.sqrt(gram.diagonal())
+  power = 1 - 1 / alpha
+  bound = np.inf if max_weight is None else max_weight
+
+  def parts(x: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
+    """The objective, its gradient and Hessian in w (the penalty's only with max_weight).
+
+    The penalty P(w) = sum((sigma / M)^8 w^((7 + alpha) / alpha)) / (7 + alpha): its
+    derivative is w^(-1/alpha) (beta / M)^8 / alpha, beta = sigma w^(1/alpha).
+    """
+    weights = np.exp(x)
+    exponent = (7 + alpha) / alpha
+    scaled = (norms / bound) ** 8 * weights**exponent
+    utility = x if alpha == 1 else (weights**power - 1) / power
+    value = weights @ gram @ weights / 2 - utility.sum() + scaled.sum() / (7 + alpha)
+    gradient = gram @ weights - weights ** (-1 / alpha) + scaled / (alpha * weights)
+    curvature = weights ** (-1 / alpha - 1) / alpha + (exponent - 1) * scaled / (alpha * weights**2)
+    return value, gradient, gram + np.diag(curvature)
+
+  def objective(x: np.ndarray) -> float:
+    return parts(x)[0]
+
+  def jacobian(x: np.ndarray) -> np.ndarray:
+    return np.exp(x) * parts(x)[1]
+
+  def hessian(x: np.ndarray) -> np.ndarray:
+    weights = np.exp(x)
+    _, gradient, curvature = parts(x)
+    return weights[:, None] * curvature * weights[None, :] + np.diag(weights * gradient)
+
+  def relative_residual(x: np.ndarray) -> np.ndarray:
+    return parts(x)[1] * np.exp(x / alpha)
+
+  start = scipy.optimize.minimize(
+    objective, np.zeros(len(gram)), jac=jacobian, hess=hessian, method="trust-exact"
+  ).x
+  solution = scipy.optimize.root(relative_residual, start, tol=1e-14)
+  residual = np.max(np.abs(relative_residual(solution.x)))
+  assert residual < 1e-9, f"the reference did not converge: residual {residual}"
+  return np.exp(solution.x) * largest ** (-alpha / (alpha + 1))
+
+
+def config(grads: np.ndarray) -> np.ndarray:
+  """Liu et al. (2025), Eq. 2 with equal weights and the projection length: the update.
+
+  ``U`` has the unit gradients as rows (a zero gradient gives a zero row, as in
+  the official code); the direction is ``pinv(U) 1`` normalised, its length
+  the sum of the gradients' projections on it. 0 where ``pinv(U) 1`` is 0 (to
+  rounding: the gradients' span holds no direction with equal positive cosines).
+  """
+  grads = np.asarray(grads, np.float64)
+  norms = np.linalg.norm(grads, axis=1, keepdims=True)
+  units = np.divide(grads, norms, out=np.zeros_like(grads), where=norms > 0)
+  direction = np.linalg.pinv(units) @ (norms[:, 0] > 0)
+  if np.linalg.norm(units @ direction) ** 2 <= len(grads) * 1e-12:
+    return np.zeros(grads.shape[1])
+  direction = direction / np.linalg.norm(direction)
+  return np.sum(grads @ direction) * direction
+
+
+def rlw_logits(key: int, num_tasks: int, steps: int) -> np.ndarray:
+  """The standard normal draws of ``rlw(num_tasks, key=key)``, ``[steps, T]`` float32.
+
+  jax's own draws: the transformation's key, split once per step (the second
+  half draws, the first carries on).
+  """
+  key_array = jax.random.key(key)
+  rows = []
+  for _ in range(steps):
+    key_array, draw = jax.random.split(key_array)
+    rows.append(np.asarray(jax.random.normal(draw, (num_tasks,), jnp.float32)))
+  return np.stack(rows)
+
+
+def rlw_weights(key: int, num_tasks: int, steps: int) -> np.ndarray:
+  """Lin et al. (2022): ``softmax(z)``, ``z ~ N(0, I)``, one draw per step: ``[steps, T]``.
+
+  The draws are :func:`rlw_logits`, the softmax numpy's in float64.
+  """
+  logits = rlw_logits(key, num_tasks, steps).astype(np.float64)
+  exponentials = np.exp(logits - logits.max(axis=1, keepdims=True))
+  return exponentials / exponentials.sum(axis=1, keepdims=True)
+
+
+class GradNorm:
+  """Chen et al. (2018), Algorithm 1, for one parameter group, step by step in float64.
+
+  ``step(grads, losses)`` returns the update ``sum_i w_i g_i`` with the current
+  weights, then moves the weights: ``G_i = w_i |g_i|``, ``Gbar`` their mean,
+  ``r_i = (L_i / L_i(0)) / mean_j (L_j / L_j(0))``, ``w_i -= lr * sign(G_i - Gbar
+  r_i^alpha) |g_i|``, negative weights set to 0, renormalised to sum ``T``. Tasks
+  with a zero gradient take no part (nor count in the means) and keep their
+  weight; ``L_i(0)`` is each task's first positive loss.
+  """
+
+  def __init__(self, num_tasks: int, alpha: float, learning_rate: float) -> None:
+    self.weights = np.ones(num_tasks)
+    self.initial = np.zeros(num_tasks)
+    self.alpha, self.learning_rate = alpha, learning_rate
+
+  def step(self, grads: np.ndarray, losses: np.ndarray) -> np.ndarray:
+    grads, losses = np.asarray(grads, np.float64), np.asarray(losses, np.float64)
+    update = self.weights @ grads
+    norms = np.linalg.norm(grads, axis=1)
+    part = [i for i in range(len(grads)) if norms[i] > 0]
+    if not part:
+      return update
+    for i in part:
+      if self.initial[i] == 0 and losses[i] > 0:
+        self.initial[i] = losses[i]
+    ratios = {i: losses[i] / self.initial[i] if self.initial[i] > 0 else 1.0 for i in part}
+    mean_ratio = np.mean(list(ratios.values()))
+    mean_norm = np.mean([self.weights[i] * norms[i] for i in part])
+    weights = self.weights.copy()
+    for i in part:
+      target = mean_norm * (ratios[i] / mean_ratio) ** self.alpha
+      weights[i] -= self.learning_rate * np.sign(self.weights[i] * norms[i] - target) * norms[i]
+    weights = np.maximum(weights, 0)
+    self.weights = weights * len(weights) / weights.sum()
+    return update
 
 
 def group_weights(

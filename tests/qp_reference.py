@@ -99,6 +99,16 @@ def upgrad(grads: np.ndarray) -> np.ndarray:
   return np.mean([dual_cone_projection(rows, row) for row in rows], axis=0)
 
 
+def dualproj(grads: np.ndarray) -> np.ndarray:
+  """DualProj's update: the mean of the present gradients projected onto the dual cone."""
+  grads = np.asarray(grads, np.float64)
+  present = present_tasks(grads)
+  if not len(present):
+    return np.zeros(grads.shape[1])
+  rows = grads[present]
+  return dual_cone_projection(rows, rows.mean(axis=0))
+
+
 def conflict_averse_weights(rows: np.ndarray, radius: float) -> np.ndarray | None:
   """argmin over the simplex of <g_w, g_0> + radius |g_w|, by trying every support.
 

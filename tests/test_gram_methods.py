@@ -1,6 +1,7 @@
 """The Gram-based methods against their float64 references, and their special inputs.
 
-One battery for MGDA, UPGrad, CAGrad, IMTL-G, Aligned-MTL and Nash-MTL: each
+One battery for MGDA, UPGrad, CAGrad, IMTL-G, Aligned-MTL and Nash-MTL, and a
+compact one (at the end) for FairGrad, DualProj, ConFIG, RLW and GradNorm: each
 method's update of a parameter group is compared with the reference written from
 its paper (``qp_reference``, ``closed_form_reference``) on that group's flattened
 gradients. What only one method promises is tested in its own module.
@@ -319,3 +320,242 @@ def test_many_groups_compile_once_and_agree_with_one_group_at_a_time(case):
   for name, leaf in leaves.items():
     alone, _ = single_update({"w": leaf}, state)
     np.testing.assert_allclose(updates[name], alone["w"], rtol=1e-5, atol=1e-6)
+
+
+# The compact battery of FairGrad, DualProj, ConFIG, RLW and GradNorm: one
+# compiled update per method, granularity and dtype serves the float64 reference
+# over several steps (a task absent at one of them), the non-finite fallback and
+# the scale behaviour (in float64, where 2**600 makes the Gram matrix overflow);
+# one more compile checks bfloat16 input. Stateful references (RLW's draws,
+# GradNorm's learned weights) step along with the transformation.
+
+FAIRGRAD_ALPHA = 2.0
+GRADNORM = {"alpha": 1.5, "learning_rate": 0.025}  # the defaults
+Reference = Callable[[list[np.ndarray], int], list[np.ndarray]]  # (groups' [T, P], step) -> [P]s
+
+
+def losses_at(step: int, num_tasks: int) -> np.ndarray:
+  """GradNorm's losses: positive, falling at different rates from task to task."""
+  return np.random.default_rng(100 + step).uniform(0.2, 2.0, num_tasks) / (1 + step)
+
+
+@dataclasses.dataclass(frozen=True)
+class SteppedCase:
+  make: Callable[..., object]  # (num_tasks, granularity=...) -> transformation
+  reference: Callable[[int], Reference]  # num_tasks -> a fresh reference
+  scale_power: float = 1  # gradients times c give the update times c ** scale_power
+  needs_losses: bool = False  # update takes losses=losses_at(step)
+
+
+def stateless(update: Callable[[np.ndarray], np.ndarray]) -> Callable[[int], Reference]:
+  return lambda num_tasks: lambda matrices, step: [update(matrix) for matrix in matrices]
+
+
+def rlw_reference(num_tasks: int) -> Reference:
+  weights = closed_form_reference.rlw_weights(0, num_tasks, steps=8)
+  return lambda matrices, step: [weights[step] @ matrix for matrix in matrices]
+
+
+def gradnorm_reference(num_tasks: int) -> Reference:
+  groups: dict[int, closed_form_reference.GradNorm] = {}
+
+  def run(matrices: list[np.ndarray], step: int) -> list[np.ndarray]:
+    for group in range(len(matrices)):
+      groups.setdefault(group, closed_form_reference.GradNorm(num_tasks, **GRADNORM))
+    losses = losses_at(step, num_tasks)
+    return [groups[group].step(matrix, losses) for group, matrix in enumerate(matrices)]
+
+  return run
+
+
+STEPPED = {
+  "fairgrad": SteppedCase(
+    functools.partial(ogv.fairgrad, alpha=FAIRGRAD_ALPHA),
+    stateless(
+      lambda grads: closed_form_reference.fairgrad(grads, FAIRGRAD_ALPHA, max_weight=100.0) @ grads
+    ),
+    scale_power=(1 - FAIRGRAD_ALPHA) / (1 + FAIRGRAD_ALPHA),
+  ),
+  "dualproj": SteppedCase(ogv.dualproj, stateless(reference.dualproj)),
+  "config": SteppedCase(ogv.config, stateless(closed_form_reference.config)),
+  "rlw": SteppedCase(ogv.rlw, rlw_reference),
+  "gradnorm": SteppedCase(
+    functools.partial(ogv.gradnorm, **GRADNORM), gradnorm_reference, needs_losses=True
+  ),
+}
+parametrize_stepped = pytest.mark.parametrize("name", STEPPED)
+STEPPED_TASKS = 5
+# Two leaves, one per layer: the fewest that tell "model" from "layer" (compile
+# time grows with the leaves; the grouping itself is tested above).
+STEPPED_SHAPES = {"dense_0/kernel": (6, 5), "dense_1/kernel": (5, 3)}
+STEPPED_GROUPS = {
+  "model": [["dense_0/kernel", "dense_1/kernel"]],
+  "layer": [["dense_0/kernel"], ["dense_1/kernel"]],
+}
+
+
+@functools.cache
+def stepped_transformation(name: str, granularity: str):
+  """The transformation and its jitted update, shared by the tests below (one compile per dtype)."""
+  tx = STEPPED[name].make(STEPPED_TASKS, granularity=granularity)
+  return tx, jax.jit(tx.update)
+
+
+def stepped_call(name: str, granularity: str, grads: dict, state, step: int):
+  _, update = stepped_transformation(name, granularity)
+  kwargs = {}
+  if STEPPED[name].needs_losses:
+    kwargs["losses"] = jnp.asarray(losses_at(step, STEPPED_TASKS), jax.tree.leaves(grads)[0].dtype)
+  return update(grads, state, params_like(grads), **kwargs)
+
+
+def group_matrices(grads: dict, granularity: str) -> list[np.ndarray]:
+  leaves = flat(grads)
+  return [
+    np.concatenate([leaves[name].reshape(STEPPED_TASKS, -1) for name in group], axis=1)
+    for group in STEPPED_GROUPS[granularity]
+  ]
+
+
+def split_updates(updates: list[np.ndarray], grads: dict, granularity: str) -> dict:
+  """Group updates ``[P]`` back into leaves, named as :func:`flat` names them."""
+  leaves, expected = flat(grads), {}
+  for group, update in zip(STEPPED_GROUPS[granularity], updates, strict=True):
+    sizes = np.cumsum([leaves[name][0].size for name in group])[:-1]
+    for name, part in zip(group, np.split(update, sizes), strict=True):
+      expected[name] = part.reshape(leaves[name].shape[1:])
+  return expected
+
+
+def stepped_grads(step: int, dtype=np.float64) -> dict:
+  """As :func:`random_grads`, on two leaves; at step 1, task 0 is absent from dense_1."""
+  rng = np.random.default_rng(20 + step)
+  mix = rng.uniform(-1.5, 1.5, (STEPPED_TASKS, 1, 1))
+  scale = rng.uniform(0.3, 3, (STEPPED_TASKS, 1, 1))
+  grads = {
+    name.split("/")[0]: {
+      "kernel": mix * rng.normal(size=shape) + scale * rng.normal(size=(STEPPED_TASKS, *shape))
+    }
+    for name, shape in STEPPED_SHAPES.items()
+  }
+  if step == 1:
+    grads["dense_1"]["kernel"][0] = 0
+  return jax.tree.map(lambda g: g.astype(dtype), grads)
+
+
+def without_keys(state):
+  """The state with typed keys as their raw data, for comparisons."""
+  return jax.tree.map(
+    lambda leaf: (
+      jax.random.key_data(leaf)
+      if jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key)
+      else np.asarray(leaf)
+    ),
+    state,
+  )
+
+
+# Both granularities for the stateful methods (their state is per group); the
+# others' weights are a function of each group's Gram matrix alone, and the
+# grouping is the pipeline's, tested above.
+@pytest.mark.parametrize(
+  ("name", "granularity"),
+  [(name, "layer") for name in STEPPED] + [("rlw", "model"), ("gradnorm", "model")],
+)
+def test_stepped_methods_match_their_reference_in_float64(name, granularity):
+  """Four steps, each against the reference that saw the same ones.
+
+  Tolerance, relative to the largest gradient: float64 rounding (2e-16) times
+  the condition numbers of these 5-task problems (below 1e3) and the solvers'
+  stated accuracy (FairGrad stops at a relative residual of 100 eps, DualProj's
+  QP polishes to rounding), with a margin: 1e-9.
+  """
+  case = STEPPED[name]
+  with enable_x64(True):
+    tx, _ = stepped_transformation(name, granularity)
+    state = tx.init(params_like(stepped_grads(0)))
+    expected_updates = case.reference(STEPPED_TASKS)
+    for step in range(4):
+      grads = stepped_grads(step)
+      updates, state = stepped_call(name, granularity, grads, state, step)
+      matrices = group_matrices(grads, granularity)
+      expected = split_updates(expected_updates(matrices, step), grads, granularity)
+      scale = max(np.linalg.norm(matrix, axis=1).max() for matrix in matrices)
+      assert_updates_close(updates, expected, scale, 1e-9, f"step {step}")
+      logged = [w @ m for w, m in zip(np.asarray(state.weights), matrices, strict=True)]
+      logged = split_updates(logged, grads, granularity)
+      assert_updates_close(updates, logged, scale, 1e-12, f"logged weights, step {step}")
+      assert int(state.count) == step + 1 and state.weights.dtype == jnp.float64
+      if step == 1 and granularity == "layer":
+        assert state.weights[1, 0] == 0 and state.weights[0, 0] != 0
+
+
+@parametrize_stepped
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_stepped_non_finite_gradients_give_the_sum_and_keep_the_state(name, bad):
+  with enable_x64(True):
+    tx, _ = stepped_transformation(name, "layer")
+    first = stepped_grads(0)
+    _, state = stepped_call(name, "layer", first, tx.init(params_like(first)), 0)
+    grads = stepped_grads(2)
+    grads["dense_0"]["kernel"][1, 2, 3] = bad
+    updates, new_state = stepped_call(name, "layer", grads, state, 1)
+  jax.tree.map(
+    lambda u, g: np.testing.assert_allclose(u, g.sum(0), rtol=1e-12, atol=1e-12), updates, grads
+  )
+  jax.tree.map(np.testing.assert_array_equal, without_keys(new_state), without_keys(state))
+
+
+@parametrize_stepped
+@pytest.mark.parametrize("scale", [1e-3, 2.0**600])
+def test_stepped_scaling_the_gradients(name, scale):
+  """2**600: the float64 Gram matrix overflows and is rebuilt from rescaled leaves."""
+  power = STEPPED[name].scale_power
+  with enable_x64(True):
+    tx, _ = stepped_transformation(name, "layer")
+    first = stepped_grads(0)
+    _, state = stepped_call(name, "layer", first, tx.init(params_like(first)), 0)
+    grads = stepped_grads(1)
+    updates, new_state = stepped_call(name, "layer", grads, state, 1)
+    scaled_grads = jax.tree.map(lambda g: g * scale, grads)
+    scaled, scaled_state = stepped_call(name, "layer", scaled_grads, state, 1)
+  for name_, value in flat(scaled).items():
+    expected = flat(updates)[name_]
+    np.testing.assert_allclose(
+      value / scale**power, expected, rtol=1e-9, atol=1e-12 * np.abs(expected).max()
+    )
+  np.testing.assert_allclose(
+    np.asarray(scaled_state.weights) * scale ** (1 - power),
+    new_state.weights,
+    rtol=1e-9,
+    atol=1e-15,
+  )
+
+
+@pytest.mark.parametrize("name", ["fairgrad", "dualproj", "config"])
+def test_stepped_bfloat16_gradients_use_float32_math(name):
+  """Against the reference on the bfloat16 values: the update's rounding to
+  bfloat16 (half a unit, 2**-9 relative) dominates float32's; bound 2**-8."""
+  grads = jax.tree.map(lambda g: jnp.asarray(g, jnp.bfloat16), stepped_grads(0, np.float32))
+  tx, _ = stepped_transformation(name, "layer")
+  updates, state = stepped_call(name, "layer", grads, tx.init(params_like(grads)), 0)
+  assert state.weights.dtype == jnp.float32
+  assert all(leaf.dtype == jnp.bfloat16 for leaf in jax.tree.leaves(updates))
+  references = STEPPED[name].reference(STEPPED_TASKS)(group_matrices(grads, "layer"), 0)
+  expected = split_updates(references, grads, "layer")
+  for name_, value in flat(updates).items():
+    np.testing.assert_allclose(value, expected[name_], atol=2**-8 * np.abs(expected[name_]).max())
+
+
+@pytest.mark.parametrize("name", ["rlw", "gradnorm"])
+def test_stepped_bfloat16_gradients_keep_float32_state(name):
+  """RLW and GradNorm compute nothing but weighted sums in bfloat16's place: their dtypes
+  are checked by tracing alone (no compile); the pipeline's float32 sums are tested above."""
+  grads = jax.tree.map(lambda g: jnp.asarray(g, jnp.bfloat16), stepped_grads(0, np.float32))
+  tx, _ = stepped_transformation(name, "layer")
+  updates, state = jax.eval_shape(
+    lambda grads: stepped_call(name, "layer", grads, tx.init(params_like(grads)), 0), grads
+  )
+  floating = [x for x in jax.tree.leaves(state) if jnp.issubdtype(x.dtype, jnp.floating)]
+  assert len(floating) >= 2 and all(leaf.dtype == jnp.float32 for leaf in floating)
+  assert all(leaf.dtype == jnp.bfloat16 for leaf in jax.tree.leaves(updates))

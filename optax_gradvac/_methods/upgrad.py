@@ -21,10 +21,11 @@ def upgrad_weights(gram: jax.typing.ArrayLike) -> jax.Array:
     w = \frac{1}{T} \sum_i v_i,
 
   ``T`` small quadratic programs on the Gram matrix, solved together by
-  ``optax_gradvac._solvers.nonnegative_qp`` (on ``v_i - e_i >= 0``) after
-  normalising ``G`` by its largest diagonal entry. A gradient that conflicts
-  with none is its own projection (``v_i = e_i``); so with no conflict at all
-  the update is the mean gradient. Every weight is at least ``1 / T``.
+  ``optax_gradvac._solvers.dual_cone_projection`` (``nonnegative_qp`` on
+  ``v_i - e_i >= 0``) after normalising ``G`` by its largest diagonal entry. A
+  gradient that conflicts with none is its own projection (``v_i = e_i``); so
+  with no conflict at all the update is the mean gradient. Every weight is at
+  least ``1 / T``.
 
   A task whose gradient is zero in this group is left out (weight 0; the mean
   is over the ``T'`` present tasks); with none left the weights are all 0.
@@ -56,9 +57,8 @@ def upgrad_weights(gram: jax.typing.ArrayLike) -> jax.Array:
   gram = _gram.normalise(jnp.asarray(gram))
   num_tasks = gram.shape[-1]
   present = jnp.diagonal(gram) > 0
-  # Row i of `gram` is G e_i: the linear term of problem i in x = v_i - e_i.
-  excess = _solvers.nonnegative_qp(gram, gram)
-  projections = jnp.eye(num_tasks, dtype=gram.dtype) + excess  # row i: v_i
+  # Row i: v_i, the weights of the projection of g_i.
+  projections = _solvers.dual_cone_projection(gram, jnp.eye(num_tasks, dtype=gram.dtype))
   total = jnp.sum(jnp.where(present[:, None], projections, 0), axis=0)
   count = jnp.sum(present)
   return total / jnp.maximum(count, 1).astype(gram.dtype)
