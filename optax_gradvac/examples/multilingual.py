@@ -678,7 +678,7 @@ def build_parser() -> argparse.ArgumentParser:
     "--workers",
     type=int,
     help="runs trained at once, each in its own process; the results do not depend on it "
-    "(default: the number of cores, at most the number of runs)",
+    "(default: one per core, or one per run when there are at most 1.5 runs per core)",
   )
   parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
   return parser

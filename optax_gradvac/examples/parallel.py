@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent import futures
 from typing import Any, TypeVar
@@ -22,9 +24,29 @@ Result = TypeVar("Result")
 _slot = 0
 
 
+def available_cores() -> int:
+  """The number of cores this process may run on."""
+  if hasattr(os, "sched_getaffinity"):
+    return len(os.sched_getaffinity(0))
+  return os.cpu_count() or 1
+
+
 def default_workers(num_runs: int) -> int:
-  """The number of cores this process may use, at most ``num_runs``."""
-  return max(1, min(len(os.sched_getaffinity(0)), num_runs))
+  """How many runs to train at once: one per core, or all of them if that is faster.
+
+  ``num_runs`` runs of about equal length on ``C`` cores take ``ceil(num_runs / C)`` run
+  lengths one per core, but ``num_runs / C`` all at once, the cores shared evenly: 3 runs on
+  2 cores, 1.5 run lengths instead of 2. All at once is chosen up to 1.5 runs per core
+  (each run holds its own memory, about 2 GB at the default size).
+
+  Args:
+    num_runs: the number of runs.
+
+  Returns:
+    The number of worker processes, between 1 and ``num_runs``.
+  """
+  cores = available_cores()
+  return max(1, num_runs if num_runs <= 1.5 * cores else cores)
 
 
 def worker_slot() -> int:
@@ -32,9 +54,18 @@ def worker_slot() -> int:
   return _slot
 
 
-def _start_worker(slots: Any) -> None:
+def _start_worker(slots: Any, parent: int) -> None:
   global _slot
   _slot = slots.get()
+  # A worker whose parent was killed (not interrupted with its process group, which ends
+  # the workers too) would train on for nothing: it exits as soon as it is orphaned.
+  threading.Thread(target=_exit_when_orphaned, args=(parent,), daemon=True).start()
+
+
+def _exit_when_orphaned(parent: int) -> None:
+  while os.getppid() == parent:
+    time.sleep(1.0)
+  os._exit(1)
 
 
 def map_runs(
@@ -77,7 +108,7 @@ def map_runs(
   for slot in range(workers):
     slots.put(slot)
   with futures.ProcessPoolExecutor(
-    workers, mp_context=context, initializer=_start_worker, initargs=(slots,)
+    workers, mp_context=context, initializer=_start_worker, initargs=(slots, os.getpid())
   ) as pool:
     pending = {pool.submit(function, item): index for index, item in enumerate(items)}
     try:
