@@ -31,17 +31,23 @@ def _finite_numbers(tree):
 
 
 def test_quick_run_writes_results_and_plots(tmp_path):
+  """The command line, its runs side by side in two processes: the same numbers as one run
+  in this process."""
   argv = [
     "--quick",
-    *("--steps", "8", "--eval-every", "4"),
+    *("--steps", "8", "--eval-every", "4", "--d-model", "16", "--batch-words", "4"),
     *("--languages", "es,pt,it,ru,uk,bg"),
     *("--methods", "sum,pcgrad,gradvac", "--granularity", "both"),
     *("--pool-size", "2000", "--heldout-words", "40", "--low-resource-words", "60"),
-    *("--out", str(tmp_path), "--no-progress"),
+    *("--out", str(tmp_path), "--no-progress", "--workers", "2"),
   ]
   returned = multilingual.main(argv)
   results = json.loads((tmp_path / "results.json").read_text())
   assert results == json.loads(json.dumps(returned))
+  experiment, _ = multilingual.parse_args(argv)
+  method = experiment.methods[-1]
+  alone = multilingual.train_run(multilingual.Run(experiment, method, seed=0))
+  np.testing.assert_array_equal(results["heldout_bpc_per_seed"][method.name][0], alone.final_bpc)
 
   methods = ["sum", "pcgrad", "gradvac-layer", "gradvac-model"]
   assert results["methods"] == methods
@@ -148,7 +154,7 @@ def test_training_in_chunks_matches_training_step_by_step():
       surgery, data, config, batches=batches, progress=False, steps_per_call=steps_per_call
     )
 
-  one, two, many = run(1), run(2), run(25)  # calls of 2 steps straddle the evaluations
+  one, two = run(1), run(2)  # calls of 2 steps straddle the evaluations
   model = model_lib.CharTransformer(len(data.symbols), data.seq_len, 16, 1, 2)
   first_batch = data.train_tokens[np.arange(2)[:, None], batches[0]]
   first_losses = [
@@ -156,10 +162,9 @@ def test_training_in_chunks_matches_training_step_by_step():
     for tokens in first_batch
   ]
   np.testing.assert_allclose(one.train_loss[0], first_losses, rtol=1e-5)
-  for other in (two, many):
-    np.testing.assert_array_equal(other.eval_steps, [3, 6, 7])
-    for field in ("train_loss", "heldout_bpc", "targets", "cosine", "corrected_fraction"):
-      np.testing.assert_allclose(getattr(other, field), getattr(one, field), rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(two.eval_steps, [3, 6, 7])
+  for field in ("train_loss", "heldout_bpc", "targets", "cosine", "corrected_fraction"):
+    np.testing.assert_allclose(getattr(two, field), getattr(one, field), rtol=1e-5, atol=1e-6)
   assert one.train_loss.shape == (7, 2) and one.heldout_bpc.shape == (3, 2)
 
 
@@ -197,9 +202,11 @@ def test_unknown_choices_are_clear_errors(argv, message, capsys):
 def test_methods_and_seeds():
   names = [method.name for method in multilingual.resolve_methods(["sum", "gradvac"], "both")]
   assert names == ["sum", "gradvac-layer", "gradvac-model"]
-  others = multilingual.resolve_methods(multilingual.GRAM_METHODS, "layer")
+  others = multilingual.resolve_methods(["mgda", "gradvac-model", "sum_low2"], "layer")
   assert [(m.name, m.kind, m.granularity) for m in others] == [
-    (name, name, "model") for name in multilingual.GRAM_METHODS
+    ("mgda", "mgda", "model"),
+    ("gradvac-model", "gradvac", "model"),
+    ("sum_low2", "sum_low2", "model"),
   ]
   assert multilingual.parse_seeds("3", base=10) == (10, 11, 12)
   assert multilingual.parse_seeds("0,7", base=10) == (0, 7)
@@ -237,17 +244,3 @@ def test_family_permutation_test_against_the_exact_count():
   assert p_value == pytest.approx(2 / 70, abs=0.004)
   # Families less similar inside than across: nothing to detect.
   assert analysis.family_permutation_test(-related, families, num_permutations=2_000) > 0.9
-
-
-@pytest.mark.parametrize("name", multilingual.GRAM_METHODS)
-def test_the_other_methods_run_as_their_transforms(name):
-  """--methods NAME trains with ogv.NAME on the whole model."""
-  rng = np.random.default_rng(0)
-  params = {"dense": {"kernel": np.zeros((3, 2), np.float32)}}
-  grads = {"dense": {"kernel": rng.normal(size=(4, 3, 2)).astype(np.float32)}}
-  (method,) = multilingual.resolve_methods([name])
-  surgery = multilingual.make_surgery(method, 4, beta=0.1, seed=0)
-  expected = getattr(ogv, name)(4)
-  updates, _ = surgery.update(grads, surgery.init(params), params)
-  reference, _ = expected.update(grads, expected.init(params), params)
-  np.testing.assert_allclose(updates["dense"]["kernel"], reference["dense"]["kernel"], rtol=1e-6)

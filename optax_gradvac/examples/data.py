@@ -7,7 +7,8 @@ words are the rest of the pool, or, for the low-resource languages, only a few h
 them, drawn by frequency as a small corpus would hold them. The words of every training
 batch are drawn by frequency too. "By frequency" means with probability proportional to
 ``frequency ** frequency_power`` (0.5 by default): plain frequency would spend most of the
-training signal on a few dozen function words.
+training signal on a few dozen function words. An optional validation set, drawn uniformly
+from the words left, serves to choose hyper-parameters without looking at the held-out words.
 
 A word is encoded as ``[<lang>, c_1, ..., c_n, <eow>, <pad>, ...]``: a language-tag token,
 its characters from one vocabulary shared by all languages, and an end-of-word token.
@@ -172,12 +173,16 @@ class MultilingualData:
       language tag per language, then the letters of all the languages.
     train_words: per language, its training words.
     heldout_words: per language, its held-out words (disjoint from its training words).
+    validation_words: per language, its validation words (disjoint from the training and the
+      held-out words; empty without a validation split).
     train_tokens: int32 ``[T, max_train_words, seq_len]``, encoded training words, zero rows
       past each language's own count.
     train_probs: float32 ``[T, max_train_words]``, the probability of drawing each training
       word in a batch (zero on padding rows).
     heldout_tokens: int32 ``[T, max_heldout_words, seq_len]``, encoded held-out words, zero
       (all padding) rows past each language's own count.
+    validation_tokens: int32 ``[T, validation_words, seq_len]``, encoded validation words, or
+      ``None`` without a validation split.
   """
 
   languages: tuple[str, ...]
@@ -188,6 +193,8 @@ class MultilingualData:
   train_tokens: np.ndarray
   train_probs: np.ndarray
   heldout_tokens: np.ndarray
+  validation_words: tuple[tuple[str, ...], ...] = ()
+  validation_tokens: np.ndarray | None = None
 
   @property
   def num_tasks(self) -> int:
@@ -255,6 +262,7 @@ def make_data(
   low_resource: Sequence[str] = DEFAULT_LOW_RESOURCE,
   low_resource_words: int = 500,
   heldout_words: int = 500,
+  validation_words: int = 0,
   pool_size: int = 20_000,
   min_len: int = 2,
   max_len: int = 16,
@@ -269,6 +277,10 @@ def make_data(
       ``low_resource_words`` training words.
     low_resource_words: the number of training words of a low-resource language.
     heldout_words: the number of held-out words per language.
+    validation_words: the number of validation words per language (0: no validation split),
+      drawn uniformly from the words that are neither held-out nor training words of a
+      low-resource language. The held-out words, and a low-resource language's training words
+      and batches, do not depend on it; the other languages lose these words from training.
     pool_size: how many of each language's most frequent words to read.
     min_len: the shortest word kept.
     max_len: the longest word kept.
@@ -290,10 +302,11 @@ def make_data(
     raise ValueError(f"low-resource language(s) {', '.join(missing)} not in the languages")
   symbols = build_symbols(languages)
   seq_len = max_len + 2
-  train_words, heldout, train_tokens, train_probs, heldout_tokens = [], [], [], [], []
+  train_words, heldout, validation, train_tokens, train_probs = [], [], [], [], []
+  heldout_tokens, validation_tokens = [], []
   for code in languages:
     words, frequencies = load_word_pool(code, pool_size, min_len, max_len)
-    wanted = heldout_words + (low_resource_words if code in low_resource else 1)
+    wanted = heldout_words + validation_words + (low_resource_words if code in low_resource else 1)
     if len(words) < wanted:
       raise ValueError(f"{code}: {len(words)} clean words in the pool, {wanted} needed")
     # Seeding per language keeps a language's split independent of the others loaded.
@@ -306,10 +319,20 @@ def make_data(
       rest = np.sort(
         rest[weighted_sample_without_replacement(weights[rest], low_resource_words, rng)]
       )
+    # The validation words are the next ones of the permutation that are not a low-resource
+    # language's training words: the held-out words, and a low-resource language's training
+    # words and batches, are then the same with or without a validation split.
+    unused = order[heldout_words:]
+    if code in low_resource:
+      unused = unused[~np.isin(unused, rest)]
+    validated = np.sort(unused[:validation_words])
+    rest = np.setdiff1d(rest, validated)
     train_words.append(tuple(words[i] for i in rest))
     heldout.append(tuple(words[i] for i in np.sort(held)))
+    validation.append(tuple(words[i] for i in validated))
     train_tokens.append(encode_words(train_words[-1], code, symbols, seq_len))
     heldout_tokens.append(encode_words(heldout[-1], code, symbols, seq_len))
+    validation_tokens.append(encode_words(validation[-1], code, symbols, seq_len))
     train_probs.append((weights[rest] / weights[rest].sum()).astype(np.float32))
   return MultilingualData(
     languages=languages,
@@ -320,6 +343,8 @@ def make_data(
     train_tokens=_stack_padded(train_tokens),
     train_probs=_stack_padded(train_probs),
     heldout_tokens=_stack_padded(heldout_tokens),
+    validation_words=tuple(validation) if validation_words else (),
+    validation_tokens=np.stack(validation_tokens) if validation_words else None,
   )
 
 

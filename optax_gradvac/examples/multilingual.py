@@ -6,14 +6,17 @@ language, clusters the languages by their GradVac targets (and by the raw task-g
 cosine under the plain sum) and checks the clusters against the language families.
 
 Run ``python -m optax_gradvac.examples.multilingual --help`` for the options; ``--quick``
-is a one-minute smoke test. From Python: build an :class:`Experiment`, then :func:`run`,
-:func:`summarize` and :func:`write_outputs`, or call :func:`main` with a list of flags.
+is a one-minute smoke test. The runs train side by side, one process per core
+(``--workers``); the results do not depend on how many. From Python: build an
+:class:`Experiment`, then :func:`run`, :func:`summarize` and :func:`write_outputs`, or call
+:func:`main` with a list of flags.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -22,14 +25,24 @@ from collections.abc import Sequence
 import numpy as np
 import optax
 
-import optax_gradvac as ogv
-from optax_gradvac.examples import analysis
+from optax_gradvac.examples import analysis, parallel
 from optax_gradvac.examples import data as data_lib
+from optax_gradvac.examples import methods as methods_lib
 from optax_gradvac.examples import train as train_lib
 
-# The other Gram-based methods, each on the whole model as in its paper.
-GRAM_METHODS = ("mgda", "imtl_g", "aligned_mtl", "cagrad", "upgrad", "nash_mtl")
-METHODS = ("sum", "pcgrad", "gradvac", "gradvac-layer", "gradvac-model", *GRAM_METHODS)
+
+def method_names() -> tuple[str, ...]:
+  """The valid ``--methods`` names: the registry's, and ``NAME-layer``, ``NAME-model`` for
+  the methods that ``--granularity both`` runs twice."""
+  names = []
+  for name, entry in methods_lib.REGISTRY.items():
+    names.append(name)
+    if entry.per_granularity:
+      names += [f"{name}-layer", f"{name}-model"]
+  return tuple(names)
+
+
+METHODS = method_names()
 GRANULARITIES = ("layer", "model", "tensor", "both")
 DEFAULT_METHODS = ("sum", "pcgrad", "gradvac")
 
@@ -40,7 +53,7 @@ class Method:
 
   Attributes:
     name: the column name, e.g. ``"gradvac-layer"``.
-    kind: ``"sum"``, ``"pcgrad"``, ``"gradvac"`` or one of :data:`GRAM_METHODS`.
+    kind: its entry in :data:`~optax_gradvac.examples.methods.REGISTRY`, e.g. ``"gradvac"``.
     granularity: the parameter groups of the surgery (for ``"sum"``: of the cosine probe).
   """
 
@@ -53,11 +66,11 @@ def resolve_methods(names: Sequence[str], granularity: str = "layer") -> tuple[M
   """Turns method names and ``--granularity`` into the methods to run.
 
   ``gradvac`` uses ``granularity``, or becomes ``gradvac-layer`` and ``gradvac-model``
-  when it is ``"both"``. PCGrad and the other Gram-based methods work on the whole model,
-  as in their papers.
+  when it is ``"both"``; the sum's cosine probe uses it too (per layer for ``"both"``). PCGrad
+  and the other methods work on the whole model, as in their papers.
 
   Args:
-    names: names from :data:`METHODS`.
+    names: names from :func:`method_names`.
     granularity: one of :data:`GRANULARITIES`.
 
   Returns:
@@ -66,38 +79,41 @@ def resolve_methods(names: Sequence[str], granularity: str = "layer") -> tuple[M
   Raises:
     ValueError: for an unknown method or granularity; the message lists the valid ones.
   """
-  unknown = [name for name in names if name not in METHODS]
+  valid = method_names()
+  unknown = [name for name in names if name not in valid]
   if unknown:
-    raise ValueError(f"unknown method(s) {', '.join(unknown)}; valid methods: {', '.join(METHODS)}")
+    raise ValueError(f"unknown method(s) {', '.join(unknown)}; valid methods: {', '.join(valid)}")
   if granularity not in GRANULARITIES:
     raise ValueError(
       f"unknown granularity {granularity!r}; valid granularities: {', '.join(GRANULARITIES)}"
     )
-  probe_granularity = "layer" if granularity == "both" else granularity
+  single = "layer" if granularity == "both" else granularity
   methods: dict[str, Method] = {}
   for name in names:
-    if name == "sum":
-      found = [Method("sum", "sum", probe_granularity)]
-    elif name in ("pcgrad", *GRAM_METHODS):
-      found = [Method(name, name, "model")]
-    elif name == "gradvac" and granularity == "both":
-      found = [
-        Method("gradvac-layer", "gradvac", "layer"),
-        Method("gradvac-model", "gradvac", "model"),
-      ]
-    elif name == "gradvac":
-      found = [Method("gradvac", "gradvac", granularity)]
+    kind, _, suffix = name.partition("-")
+    entry = methods_lib.REGISTRY[kind]
+    if suffix:
+      found = [Method(name, kind, suffix)]
+    elif entry.granularity is not None:
+      found = [Method(name, kind, entry.granularity)]
+    elif entry.per_granularity and granularity == "both":
+      found = [Method(f"{name}-layer", kind, "layer"), Method(f"{name}-model", kind, "model")]
     else:
-      found = [Method(name, "gradvac", name.removeprefix("gradvac-"))]
+      found = [Method(name, kind, single)]
     for method in found:
       methods.setdefault(method.name, method)
   return tuple(methods.values())
 
 
 def make_surgery(
-  method: Method, num_tasks: int, *, beta: float, seed: int
-) -> optax.GradientTransformation:
-  """The transformation from stacked task gradients to one update for ``method``.
+  method: Method,
+  num_tasks: int,
+  *,
+  beta: float,
+  seed: int,
+  data: data_lib.MultilingualData | None = None,
+) -> optax.GradientTransformation | train_lib.LossWeighting:
+  """What :func:`~optax_gradvac.examples.train.train` takes for ``method``.
 
   ``sum`` carries a GradVac probe whose update is discarded, so that its state records the
   cosine between the task gradients of a plain-sum run.
@@ -107,18 +123,29 @@ def make_surgery(
     num_tasks: the number of languages.
     beta: the EMA rate of the GradVac targets.
     seed: the seed of the random visiting orders.
+    data: the data the run trains on; needed by the weightings that depend on it (which
+      languages are low-resource, how many words each has).
 
   Returns:
-    The transformation (to be followed by Adam).
+    The transformation (to be followed by Adam), or the loss weighting.
+
+  Raises:
+    ValueError: if the method needs ``data`` and it is missing.
   """
-  if method.kind == "sum":
-    probe = ogv.gradvac(num_tasks, beta, granularity=method.granularity, key=seed)
-    return train_lib.with_probe(ogv.sum_tasks(num_tasks), probe)
-  if method.kind == "pcgrad":
-    return ogv.pcgrad(num_tasks, granularity=method.granularity, key=seed)
-  if method.kind in GRAM_METHODS:
-    return getattr(ogv, method.kind)(num_tasks, granularity=method.granularity)
-  return ogv.gradvac(num_tasks, beta, granularity=method.granularity, key=seed)
+  if data is None:
+    low_resource = train_sizes = None
+  else:
+    low_resource = np.array([code in data.low_resource for code in data.languages])
+    train_sizes = np.array([len(words) for words in data.train_words])
+  setting = methods_lib.Setting(
+    num_tasks=num_tasks,
+    granularity=method.granularity,
+    beta=beta,
+    seed=seed,
+    low_resource=low_resource,
+    train_sizes=train_sizes,
+  )
+  return methods_lib.REGISTRY[method.kind].build(setting)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,41 +188,118 @@ class Experiment:
     return np.array([code in self.low_resource for code in self.languages])
 
 
-def run(experiment: Experiment, *, progress: bool = True) -> dict[str, list[train_lib.History]]:
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """One training run: a method on one seed's data and batches.
+
+  Attributes:
+    experiment: the comparison it belongs to (languages, data sizes, model, schedule).
+    method: the method.
+    seed: the seed of the data split, the batches, the initialisation and the method.
+    validation_words: validation words per language (0: no validation split).
+  """
+
+  experiment: Experiment
+  method: Method
+  seed: int
+  validation_words: int = 0
+
+
+def _data_settings(run: Run) -> tuple:
+  """What a run's data depends on: runs that agree on it share their data."""
+  experiment = run.experiment
+  return (
+    experiment.languages,
+    experiment.low_resource,
+    experiment.low_resource_words,
+    experiment.heldout_words,
+    run.validation_words,
+    experiment.pool_size,
+    run.seed,
+  )
+
+
+@functools.lru_cache(maxsize=2)
+def _data(settings: tuple) -> data_lib.MultilingualData:
+  languages, low_resource, low_resource_words, heldout_words, validation_words, pool_size, seed = (
+    settings
+  )
+  return data_lib.make_data(
+    languages,
+    low_resource=low_resource,
+    low_resource_words=low_resource_words,
+    heldout_words=heldout_words,
+    validation_words=validation_words,
+    pool_size=pool_size,
+    seed=seed,
+  )
+
+
+@functools.lru_cache(maxsize=2)
+def _batches(settings: tuple, steps: int, batch_words: int) -> np.ndarray:
+  return data_lib.sample_batches(_data(settings), steps, batch_words, seed=settings[-1])
+
+
+def train_run(run: Run, progress: bool = False) -> train_lib.History:
+  """Trains one run; runs of the same seed share their data and batches.
+
+  Args:
+    run: what to train.
+    progress: whether to show a progress bar (on the row of its worker process).
+
+  Returns:
+    Its history.
+  """
+  settings, config = _data_settings(run), run.experiment.config
+  entry = methods_lib.REGISTRY[run.method.kind]
+  data = _data(settings)
+  surgery = make_surgery(
+    run.method, data.num_tasks, beta=run.experiment.beta, seed=run.seed, data=data
+  )
+  return train_lib.train(
+    surgery,
+    data,
+    config,
+    seed=run.seed,
+    batches=_batches(settings, config.steps, config.batch_words),
+    description=f"{run.method.name} (seed {run.seed})",
+    progress=progress,
+    progress_row=parallel.worker_slot(),
+    pass_losses=entry.takes_losses,
+    recompute_losses=entry.recompute_losses,
+  )
+
+
+def _train_with_progress(run: Run) -> train_lib.History:
+  return train_run(run, progress=True)
+
+
+def run(
+  experiment: Experiment, *, progress: bool = True, workers: int = 1
+) -> dict[str, list[train_lib.History]]:
   """Trains every method on every seed.
+
+  Every run of a seed starts from the same initialisation and sees the same batches; the
+  results do not depend on ``workers``.
 
   Args:
     experiment: what to run.
     progress: whether to show progress bars.
+    workers: how many runs train at once, each in its own process (1: one after another in
+      this process).
 
   Returns:
     method name -> one :class:`~optax_gradvac.examples.train.History` per seed.
   """
+  runs = [
+    Run(experiment, method, seed) for seed in experiment.seeds for method in experiment.methods
+  ]
+  results = parallel.map_runs(
+    _train_with_progress if progress else train_run, runs, workers=workers
+  )
   histories: dict[str, list[train_lib.History]] = {method.name: [] for method in experiment.methods}
-  for seed in experiment.seeds:
-    data = data_lib.make_data(
-      experiment.languages,
-      low_resource=experiment.low_resource,
-      low_resource_words=experiment.low_resource_words,
-      heldout_words=experiment.heldout_words,
-      pool_size=experiment.pool_size,
-      seed=seed,
-    )
-    config = experiment.config
-    batches = data_lib.sample_batches(data, config.steps, config.batch_words, seed)
-    for method in experiment.methods:
-      surgery = make_surgery(method, data.num_tasks, beta=experiment.beta, seed=seed)
-      histories[method.name].append(
-        train_lib.train(
-          surgery,
-          data,
-          config,
-          seed=seed,
-          batches=batches,
-          description=f"{method.name} (seed {seed})",
-          progress=progress,
-        )
-      )
+  for one_run, history in zip(runs, results, strict=True):
+    histories[one_run.method.name].append(history)
   return histories
 
 
@@ -215,7 +319,7 @@ def similarity_matrices(
   """
   matrices = {}
   for method in experiment.methods:
-    kind = {"gradvac": "targets", "sum": "cosine"}.get(method.kind)
+    kind = methods_lib.REGISTRY[method.kind].similarity
     if kind is not None:
       runs = histories[method.name]
       matrices[method.name] = kind, np.mean([getattr(h, kind) for h in runs], axis=0)
@@ -515,7 +619,8 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument(
     "--methods",
     default=",".join(DEFAULT_METHODS),
-    help=f"comma list from {', '.join(METHODS)} (default %(default)s)",
+    help=f"comma list from {', '.join(METHODS)} (default %(default)s; "
+    "see optax_gradvac.examples.methods)",
   )
   parser.add_argument(
     "--granularity",
@@ -569,6 +674,12 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument(
     "--quick", action="store_true", help="a one-minute smoke test: small model, 8 languages"
   )
+  parser.add_argument(
+    "--workers",
+    type=int,
+    help="runs trained at once, each in its own process; the results do not depend on it "
+    "(default: one per core, or one per run when there are at most 1.5 runs per core)",
+  )
   parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
   return parser
 
@@ -580,11 +691,11 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Experiment, argparse.
     argv: the flags (``sys.argv[1:]`` when None).
 
   Returns:
-    The experiment and the parsed flags (for ``out`` and ``no_progress``).
+    The experiment and the parsed flags (for ``out``, ``workers`` and ``no_progress``).
 
   Raises:
     SystemExit: with a usage message, for an unknown language, method or granularity, or
-      an invalid ``--seeds`` or ``--low-resource``.
+      an invalid ``--seeds``, ``--low-resource`` or ``--workers``.
   """
   parser = build_parser()
   args = parser.parse_args(argv)
@@ -602,6 +713,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Experiment, argparse.
     missing = [code for code in low_resource if code not in languages]
     if missing:
       raise ValueError(f"low-resource language(s) {', '.join(missing)} not in --languages")
+    if args.workers is not None and args.workers < 1:
+      raise ValueError(f"--workers must be positive, got {args.workers}")
     if len(languages) < 2:
       raise ValueError("--languages needs at least two languages (one task each)")
     experiment = Experiment(
@@ -639,8 +752,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     The content of ``results.json``.
   """
   experiment, args = parse_args(argv)
+  workers = args.workers or parallel.default_workers(
+    len(experiment.seeds) * len(experiment.methods)
+  )
   start = time.perf_counter()
-  histories = run(experiment, progress=not args.no_progress)
+  histories = run(experiment, progress=not args.no_progress, workers=workers)
   results = summarize(experiment, histories)
   results["total_seconds"] = time.perf_counter() - start
   write_outputs(experiment, histories, results, args.out)

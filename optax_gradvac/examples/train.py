@@ -4,14 +4,17 @@
 update out), chains Adam after it, trains :class:`~optax_gradvac.examples.model.CharTransformer`
 on task-separated batches and returns a :class:`History`. Everything the surgery transform
 keeps in its state under the names ``targets``, ``cosine`` and ``corrected`` (as
-:class:`optax_gradvac.GradVacState` does) is recorded along the way.
+:class:`optax_gradvac.GradVacState` does) is recorded along the way. It also takes a
+:class:`LossWeighting` instead: then each step is one gradient of a combination of the task
+losses, without per-task gradients.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -49,6 +52,28 @@ class TrainConfig:
   eval_every: int = 50
 
 
+class LossWeighting(NamedTuple):
+  """A loss weighting: one scalar loss from the per-task losses, and its state.
+
+  Each step is then one gradient of that scalar, without per-task gradients. Four pure
+  functions:
+
+  - ``init(dtype=jnp.float32) -> state``: the initial state (a pytree of arrays);
+  - ``init_params(dtype=jnp.float32) -> params``: learned parameters (trained by the same
+    Adam as the model's), or ``None``;
+  - ``loss(losses, state, params=None) -> (loss, weights)``: the scalar to differentiate,
+    from the float32 ``[T]`` task losses of the step's batch, and each task's weight;
+  - ``update(losses, state, *, losses_after_step=None) -> state``: the next step's state,
+    after the step (``losses_after_step``: the losses recomputed on the same batch after
+    the parameter update, for the methods that ask for them).
+  """
+
+  init: Callable[..., Any]
+  init_params: Callable[..., Any]
+  loss: Callable[..., tuple[jax.Array, jax.Array]]
+  update: Callable[..., Any]
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class History:
   """What one training run recorded.
@@ -65,6 +90,8 @@ class History:
     corrected_fraction: float ``[steps]``, the fraction of ordered task pairs (over all
       groups) that the surgery corrected at each step, or ``None``.
     seconds: the wall time of the run, compilation included.
+    validation_bpc: float ``[num_evals, T]``, validation bits per character at the same
+      steps, or ``None`` without a validation split.
   """
 
   train_loss: np.ndarray
@@ -74,6 +101,7 @@ class History:
   cosine: np.ndarray | None
   corrected_fraction: np.ndarray | None
   seconds: float
+  validation_bpc: np.ndarray | None = None
 
   @property
   def final_bpc(self) -> np.ndarray:
@@ -144,7 +172,7 @@ def _group_mean(state: optax.OptState, name: str) -> jax.Array | None:
 
 
 def train(
-  surgery: optax.GradientTransformation,
+  surgery: optax.GradientTransformation | LossWeighting,
   data: data_lib.MultilingualData,
   config: TrainConfig,
   *,
@@ -153,12 +181,16 @@ def train(
   description: str | None = None,
   progress: bool = True,
   steps_per_call: int = 25,
+  pass_losses: bool = False,
+  recompute_losses: bool = False,
+  progress_row: int | None = None,
 ) -> History:
   """Trains the character model on all languages at once with ``surgery`` then Adam.
 
   Each step draws ``config.batch_words`` words per language, computes one loss and one
   gradient per language (``ogv.task_value_and_grad``), and hands the stacked gradients to
-  ``surgery``.
+  ``surgery``. A :class:`LossWeighting` instead gets the losses, and the step is the
+  gradient of the scalar it makes of them.
 
   Up to ``steps_per_call`` steps run in one call of a compiled ``lax.fori_loop``. On XLA:CPU
   each call allocates the step's temporaries afresh (282 MiB for the default model), and glibc
@@ -167,7 +199,8 @@ def train(
   ``steps_per_call``: the loop runs the same step on the same data.
 
   Args:
-    surgery: a transformation from stacked ``[T, ...]`` gradients to one update.
+    surgery: a transformation from stacked ``[T, ...]`` gradients to one update, or a
+      :class:`LossWeighting`.
     data: the encoded words.
     config: model size, optimiser and schedule.
     seed: the seed of the initial parameters, and of the batches when ``batches`` is None.
@@ -178,6 +211,12 @@ def train(
     progress: whether to show a progress bar.
     steps_per_call: the most training steps per call of the compiled loop; calls also end
       at each held-out evaluation.
+    pass_losses: whether to pass the task losses to ``surgery``'s update as ``losses=``.
+    recompute_losses: for a :class:`LossWeighting`: whether to pass it the losses
+      recomputed on the same batch after the step (one more forward pass).
+    progress_row: the terminal row of the progress bar, for runs side by side in several
+      processes (the bar is then erased when the run ends); ``None`` for a single bar, left
+      on screen.
 
   Returns:
     The recorded :class:`History`.
@@ -193,24 +232,57 @@ def train(
     num_heads=config.num_heads,
   )
   params = model_lib.init_params(model, data.seq_len, seed)
-  optimizer = make_optimizer(surgery, config)
-  opt_state = optimizer.init(params)
-  task_value_and_grad = ogv.task_value_and_grad(model_lib.make_loss(model))
-  train_tokens = jnp.asarray(data.train_tokens)
-  heldout_tokens = jnp.asarray(data.heldout_tokens)
+  loss_fn = model_lib.make_loss(model)
   tasks = jnp.arange(data.num_tasks)[:, None]
+  train_tokens = jnp.asarray(data.train_tokens)
 
-  # The word arrays and batches are arguments, not closed-over constants, so that they stay
-  # out of the compiled program.
-  def step(params, opt_state, train_tokens, indices):
-    losses, grads = task_value_and_grad(params, train_tokens[tasks, indices])
-    updates, opt_state = optimizer.update(grads, opt_state, params)
-    stats = {"loss": losses}
-    for name in ("cosine", "corrected"):
-      value = _group_mean(opt_state, name)
-      if value is not None:
-        stats[name] = value
-    return optax.apply_updates(params, updates), opt_state, stats
+  if not isinstance(surgery, optax.GradientTransformation):
+    optimizer = make_optimizer(optax.identity(), config)
+    # The weighting's learned parameters ride beside the model's, trained by the same Adam.
+    params = {"model": params, "weighting": surgery.init_params()}
+    opt_state = (optimizer.init(params), surgery.init())
+    task_losses = jax.vmap(loss_fn, in_axes=(None, 0))
+
+    def step(params, opt_state, train_tokens, indices):
+      adam_state, weighting_state = opt_state
+      tokens = train_tokens[tasks, indices]
+
+      def total(params):
+        losses = task_losses(params["model"], tokens)
+        return surgery.loss(losses, weighting_state, params["weighting"])[0], losses
+
+      (_, losses), grads = jax.value_and_grad(total, has_aux=True)(params)
+      updates, adam_state = optimizer.update(grads, adam_state, params)
+      params = optax.apply_updates(params, updates)
+      after = {}
+      if recompute_losses:
+        after["losses_after_step"] = task_losses(params["model"], tokens)
+      weighting_state = surgery.update(losses, weighting_state, **after)
+      return params, (adam_state, weighting_state), {"loss": losses}
+
+    def model_params(params):
+      return params["model"]
+
+  else:
+    optimizer = make_optimizer(surgery, config)
+    opt_state = optimizer.init(params)
+    task_value_and_grad = ogv.task_value_and_grad(loss_fn)
+
+    # The word arrays and batches are arguments, not closed-over constants, so that they stay
+    # out of the compiled program.
+    def step(params, opt_state, train_tokens, indices):
+      losses, grads = task_value_and_grad(params, train_tokens[tasks, indices])
+      extra_args = {"losses": losses} if pass_losses else {}
+      updates, opt_state = optimizer.update(grads, opt_state, params, **extra_args)
+      stats = {"loss": losses}
+      for name in ("cosine", "corrected"):
+        value = _group_mean(opt_state, name)
+        if value is not None:
+          stats[name] = value
+      return optax.apply_updates(params, updates), opt_state, stats
+
+    def model_params(params):
+      return params
 
   def run_steps(params, opt_state, train_tokens, batches, first, num_steps):
     """Steps ``first`` to ``first + num_steps - 1`` (``num_steps <= steps_per_call``)."""
@@ -236,10 +308,20 @@ def train(
     return jax.lax.map(one_language, tokens)
 
   evaluate = jax.jit(evaluate)
+  heldout_tokens = jnp.asarray(data.heldout_tokens)
+  validation_tokens = None
+  if data.validation_tokens is not None:
+    validation_tokens = jnp.asarray(data.validation_tokens)
 
   device_batches = jnp.asarray(batches)
-  stats, eval_steps, heldout_bpc = [], [], []
-  bar = tqdm(total=config.steps, desc=description, disable=not progress, leave=True)
+  stats, eval_steps, heldout_bpc, validation_bpc = [], [], [], []
+  bar = tqdm(
+    total=config.steps,
+    desc=description,
+    disable=not progress,
+    position=progress_row,
+    leave=progress_row is None,
+  )
   done = 0
   while done < config.steps:
     next_eval = min((done // config.eval_every + 1) * config.eval_every, config.steps)
@@ -252,7 +334,9 @@ def train(
     bar.update(num_steps)
     if done == next_eval:
       eval_steps.append(done)
-      heldout_bpc.append(np.asarray(evaluate(params, heldout_tokens)))
+      heldout_bpc.append(np.asarray(evaluate(model_params(params), heldout_tokens)))
+      if validation_tokens is not None:
+        validation_bpc.append(np.asarray(evaluate(model_params(params), validation_tokens)))
       bar.set_postfix(heldout_bpc=f"{heldout_bpc[-1].mean():.3f}")
   bar.close()
   stats = jax.tree.map(lambda *values: np.concatenate(values), *stats)
@@ -270,4 +354,5 @@ def train(
       stats["corrected"].sum((1, 2)) / off_diagonal if "corrected" in stats else None
     ),
     seconds=time.perf_counter() - start,
+    validation_bpc=np.stack(validation_bpc) if validation_bpc else None,
   )
