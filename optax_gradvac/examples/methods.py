@@ -3,7 +3,7 @@
 A method is either a **transformation of the stacked task gradients** (the sum, PCGrad,
 GradVac and every other Gram-based method of the library: ``tx.update(task_grads, state,
 params)``, optionally with ``losses=``) or a **loss weighting** (a
-:class:`~optax_gradvac.examples.train.LossWeighting`: one gradient of a combination of the
+:class:`~optax_gradvac.LossWeighting`: one gradient of a combination of the
 task losses per step, no per-task gradients). :func:`~optax_gradvac.examples.train.train`
 takes either. Adding a method is one entry of :data:`REGISTRY`; for example::
 
@@ -69,7 +69,7 @@ class Entry:
 
   Attributes:
     build: the factory, from a :class:`Setting` to a transformation of the stacked task
-      gradients or a :class:`~optax_gradvac.examples.train.LossWeighting`.
+      gradients or a :class:`~optax_gradvac.LossWeighting`.
     summary: what it does, in a few words (for ``--help`` and the tables).
     granularity: its parameter groups: ``"model"`` (the whole model, as in the papers of
       most methods), or ``None`` to follow ``--granularity``.
@@ -156,6 +156,10 @@ def _sum_with_cosine_probe(s: Setting) -> optax.GradientTransformation:
   return train_lib.with_probe(ogv.sum_tasks(s.num_tasks), probe)
 
 
+# The example samples batches without epochs: DWA's "epoch" is a window of this many steps
+# (the default evaluation interval).
+DWA_STEPS_PER_EPOCH = 50
+
 REGISTRY: dict[str, Entry] = {
   "sum": Entry(
     _sum_with_cosine_probe,
@@ -182,6 +186,28 @@ REGISTRY: dict[str, Entry] = {
   "cagrad": Entry(lambda s: ogv.cagrad(s.num_tasks, granularity=s.granularity), "CAGrad"),
   "upgrad": Entry(lambda s: ogv.upgrad(s.num_tasks, granularity=s.granularity), "UPGrad"),
   "nash_mtl": Entry(lambda s: ogv.nash_mtl(s.num_tasks, granularity=s.granularity), "Nash-MTL"),
+  "fairgrad": Entry(lambda s: ogv.fairgrad(s.num_tasks, granularity=s.granularity), "FairGrad"),
+  "dualproj": Entry(lambda s: ogv.dualproj(s.num_tasks, granularity=s.granularity), "DualProj"),
+  "config": Entry(lambda s: ogv.config(s.num_tasks, granularity=s.granularity), "ConFIG"),
+  "rlw": Entry(
+    lambda s: ogv.rlw(s.num_tasks, granularity=s.granularity, key=s.seed),
+    "random loss weighting",
+  ),
+  "gradnorm": Entry(
+    lambda s: ogv.gradnorm(s.num_tasks, granularity=s.granularity),
+    "GradNorm",
+    takes_losses=True,
+  ),
+  # Loss weightings: one gradient of a weighted loss per step, no per-task gradients.
+  "uw": Entry(lambda s: ogv.uw(s.num_tasks), "uncertainty weighting"),
+  "dwa": Entry(
+    lambda s: ogv.dwa(s.num_tasks, steps_per_epoch=DWA_STEPS_PER_EPOCH),
+    "dynamic weight average",
+  ),
+  "gls": Entry(lambda s: ogv.gls(s.num_tasks), "the geometric mean of the losses"),
+  "stch": Entry(lambda s: ogv.stch(s.num_tasks), "smooth Tchebycheff scalarization"),
+  "famo": Entry(lambda s: ogv.famo(s.num_tasks), "FAMO", recompute_losses=True),
+  "imtl_l": Entry(lambda s: ogv.imtl_l(s.num_tasks), "IMTL-L"),
   # The static-weight front of the sum, and temperature-based sampling in expectation.
   "sum_low2": Entry(
     low_resource_weights(2.0), "the sum, low-resource losses weighted 2x", static=True

@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -52,26 +51,7 @@ class TrainConfig:
   eval_every: int = 50
 
 
-class LossWeighting(NamedTuple):
-  """A loss weighting: one scalar loss from the per-task losses, and its state.
-
-  Each step is then one gradient of that scalar, without per-task gradients. Four pure
-  functions:
-
-  - ``init(dtype=jnp.float32) -> state``: the initial state (a pytree of arrays);
-  - ``init_params(dtype=jnp.float32) -> params``: learned parameters (trained by the same
-    Adam as the model's), or ``None``;
-  - ``loss(losses, state, params=None) -> (loss, weights)``: the scalar to differentiate,
-    from the float32 ``[T]`` task losses of the step's batch, and each task's weight;
-  - ``update(losses, state, *, losses_after_step=None) -> state``: the next step's state,
-    after the step (``losses_after_step``: the losses recomputed on the same batch after
-    the parameter update, for the methods that ask for them).
-  """
-
-  init: Callable[..., Any]
-  init_params: Callable[..., Any]
-  loss: Callable[..., tuple[jax.Array, jax.Array]]
-  update: Callable[..., Any]
+LossWeighting = ogv.LossWeighting  # the library's: one gradient of a weighted loss
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
