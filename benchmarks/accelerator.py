@@ -162,7 +162,7 @@ def main(argv: Sequence[str] | None = None) -> str:
   if args.quick:
     repeats = args.repeats or 2
     tables = [
-      transform_table(tasks or (2,), methods[:2], layers=2, width=16, repeats=repeats),
+      transform_table(tasks or (2,), methods[:1], layers=2, width=16, repeats=repeats),
       low_memory_table((2,), (4,), layers=3, width=16, repeats=repeats),
       training_step_table(
         {"vocab_size": 16, "d_model": 32, "num_layers": 1, "num_heads": 2}, 2, 2, 8, repeats

@@ -349,7 +349,7 @@ def main(argv: Sequence[str] | None = None) -> str:
     return ""
   print(_harness.machine_line())
   if args.quick:
-    text = table([2, 4], layers=3, width=16, repeats=args.repeats or 2)
+    text = table([2], layers=3, width=16, repeats=args.repeats or 2)
     text += "\n\n" + mixed_table([2], layers=3, width=16, repeats=args.repeats or 2)
     text += "\n\n" + scanned_table(4, layers=3, width=16)
     text += "\n\n" + embedding_table(2, vocab=64, width=8, layers=1)

@@ -1,4 +1,9 @@
-"""The battery every transform of the library runs through, on stacked per-task input."""
+"""The battery every transform of the library runs through, on stacked per-task input.
+
+Granularities other than the whole model are represented by GradVac, Aligned-MTL and
+FairGrad here; every method runs every granularity in test_gram_methods.py. GradNorm,
+whose update needs the losses, runs its own battery there too.
+"""
 
 import functools
 
@@ -20,17 +25,18 @@ TRANSFORMS = {
   ),
   "pcgrad": functools.partial(ogv.pcgrad, NUM_TASKS),
   "imtl_g": functools.partial(ogv.imtl_g, NUM_TASKS),
-  "imtl_g-layer": functools.partial(ogv.imtl_g, NUM_TASKS, granularity="layer"),
   "aligned_mtl": functools.partial(ogv.aligned_mtl, NUM_TASKS),
   "aligned_mtl-tensor-weighted": functools.partial(
     ogv.aligned_mtl, NUM_TASKS, [0.5, 1.0, 2.0], granularity="tensor"
   ),
   "nash_mtl": functools.partial(ogv.nash_mtl, NUM_TASKS),
-  "nash_mtl-layer": functools.partial(ogv.nash_mtl, NUM_TASKS, granularity="layer"),
   "mgda": functools.partial(ogv.mgda, NUM_TASKS),
-  "mgda-layer": functools.partial(ogv.mgda, NUM_TASKS, granularity="layer"),
   "upgrad": functools.partial(ogv.upgrad, NUM_TASKS),
   "cagrad": functools.partial(ogv.cagrad, NUM_TASKS),
+  "fairgrad-layer": functools.partial(ogv.fairgrad, NUM_TASKS, granularity="layer"),
+  "dualproj": functools.partial(ogv.dualproj, NUM_TASKS),
+  "config": functools.partial(ogv.config, NUM_TASKS),
+  "rlw": functools.partial(ogv.rlw, NUM_TASKS),
   "sum_tasks": ogv.sum_tasks,
   "mean_tasks": ogv.mean_tasks,
 }
@@ -61,7 +67,7 @@ def test_jit_matches_eager_and_does_not_recompile(make):
   jitted = jax.jit(update)
   state = jax.jit(tx.init)(params)
   eager_state = tx.init(params)
-  for seed in range(3):
+  for seed in range(2):
     grads = problem(seed=seed)[1]
     updates, state = jitted(grads, state, params)
     eager_updates, eager_state = tx.update(grads, eager_state, params)
@@ -75,8 +81,9 @@ def test_jit_matches_eager_and_does_not_recompile(make):
 
 
 @parametrize_transforms
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_updates_keep_the_gradient_dtype(make, dtype):
+  """Low-precision gradients (float32's are checked by the test above)."""
   tx = make()
   params, grads = problem(dtype)
   updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
@@ -96,45 +103,49 @@ def test_state_is_stable_under_cond(make):
     new_state = tx.update(grads, state, params)[1]
     return jax.lax.cond(jnp.asarray(True), lambda: new_state, lambda: state)
 
-  new_state = step(grads, state)
+  # lax.cond compares its branches' trees, shapes and dtypes when it traces: no need to run.
+  new_state = jax.eval_shape(step, grads, state)
   assert jax.tree.structure(new_state) == jax.tree.structure(state)
   for new, old in zip(jax.tree.leaves(new_state), jax.tree.leaves(state), strict=True):
     assert (new.shape, new.dtype) == (old.shape, old.dtype)
 
 
 @parametrize_transforms
-@pytest.mark.parametrize(
-  "optimizer",
-  [
-    lambda: optax.adam(1e-2),
-    lambda: optax.adamw(1e-2, weight_decay=0.1),
-    lambda: optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-2)),
-  ],
-  ids=["adam", "adamw", "clip+adamw"],
-)
-def test_chain_equals_the_optimizer_applied_to_the_surgery_update(make, optimizer):
+def test_chain_equals_the_optimizer_applied_to_the_surgery_update(make):
+  """Chained before an optimizer with a state of its own, jitted with params and state donated."""
+  optimizer = lambda: optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-2))  # noqa: E731
   chained = optax.chain(make(), optimizer())
   surgery, inner = make(), optimizer()
+
+  @functools.partial(jax.jit, donate_argnums=(0, 1))
+  def step(params, state, grads):
+    updates, state = chained.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
   params, _ = problem()
   chained_state = chained.init(params)
   surgery_state, inner_state = surgery.init(params), inner.init(params)
-  for seed in range(3):
+  for seed in range(2):
     grads = problem(seed=seed)[1]
-    updates, chained_state = jax.jit(chained.update)(grads, chained_state, params)
-    reduced, surgery_state = surgery.update(grads, surgery_state, params)
+    reduced, surgery_state = jax.jit(surgery.update)(grads, surgery_state, params)
     expected, inner_state = inner.update(reduced, inner_state, params)
+    expected = optax.apply_updates(params, expected)
+    params, chained_state = step(params, chained_state, grads)
     jax.tree.map(
-      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), updates, expected
+      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), params, expected
     )
-    params = optax.apply_updates(params, updates)
-  assert jax.tree.map(jnp.shape, params) == jax.tree.map(jnp.shape, problem()[0])
+  assert all(jnp.isfinite(leaf).all() for leaf in jax.tree.leaves(params))
 
 
 @parametrize_transforms
 def test_extra_arguments_are_accepted(make):
   tx = make()
   params, grads = problem()
-  updates, _ = tx.update(grads, tx.init(params), params, value=jnp.ones(()), loss=2.0)
+  updates, _ = jax.eval_shape(
+    lambda grads, state: tx.update(grads, state, params, value=jnp.ones(()), loss=2.0),
+    grads,
+    tx.init(params),
+  )
   assert jax.tree.structure(updates) == jax.tree.structure(params)
 
 
@@ -144,10 +155,10 @@ def test_vmap_over_independent_runs(make):
   params, _ = problem()
   grads = jax.tree.map(lambda *g: jnp.stack(g), *[problem(seed=s)[1] for s in range(2)])
   states = jax.vmap(lambda _: tx.init(params))(jnp.arange(2))
-  updates, _ = jax.vmap(tx.update, in_axes=(0, 0, None))(grads, states, params)
+  updates, _ = jax.jit(jax.vmap(tx.update, in_axes=(0, 0, None)))(grads, states, params)
   for run in range(2):
     run_grads = jax.tree.map(lambda g, run=run: g[run], grads)
-    single, _ = tx.update(run_grads, tx.init(params), params)
+    single, _ = jax.jit(tx.update)(run_grads, tx.init(params), params)
     for batched, expected in zip(jax.tree.leaves(updates), jax.tree.leaves(single), strict=True):
       np.testing.assert_allclose(batched[run], expected, rtol=1e-5, atol=1e-6)
 
@@ -177,19 +188,3 @@ def test_baselines_reduce_the_task_axis(make, reduce):
   )
   with pytest.raises(ValueError, match="num_tasks must be at least 1"):
     make(0)
-
-
-@parametrize_transforms
-def test_state_can_be_donated(make):
-  tx = optax.chain(make(), optax.adam(1e-2))
-  params, grads = problem()
-
-  @functools.partial(jax.jit, donate_argnums=(0, 1))
-  def step(params, state, grads):
-    updates, state = tx.update(grads, state, params)
-    return optax.apply_updates(params, updates), state
-
-  state = tx.init(params)
-  for _ in range(2):
-    params, state = step(params, state, grads)
-  assert all(jnp.isfinite(leaf).all() for leaf in jax.tree.leaves(params))
