@@ -1,5 +1,6 @@
 """Runs a check script on 8 host CPU devices and reads the JSON reports it prints."""
 
+import functools
 import json
 import os
 import pathlib
@@ -9,22 +10,30 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 
+@functools.cache
+def _stdout(script: pathlib.Path, timeout: int) -> str:
+  # Once per test process: pytest tears a module's fixtures down whenever another
+  # module's test runs in between, as it can under pytest-xdist.
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  result = subprocess.run(
+    [sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=timeout
+  )
+  assert result.returncode == 0, result.stderr[-4000:]
+  return result.stdout
+
+
 def reports(
   script: pathlib.Path, key: Callable[[dict], Any], expected: Iterable[Any], *, timeout: int
 ) -> dict[Any, dict]:
   """The reports of ``script`` (one JSON object per line), by ``key``; all ``expected`` found.
 
   A subprocess, so that the calling process keeps its single device: the device
-  count must be set before JAX starts.
+  count must be set before JAX starts. It runs once per test process.
   """
-  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  result = subprocess.run(
-    [sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=timeout
-  )
-  assert result.returncode == 0, result.stderr[-4000:]
+  stdout = _stdout(script, timeout)
   found = {
     key(report): report
-    for report in (json.loads(line) for line in result.stdout.splitlines() if line[:1] == "{")
+    for report in (json.loads(line) for line in stdout.splitlines() if line[:1] == "{")
   }
-  assert set(found) == set(expected), result.stdout
+  assert set(found) == set(expected), stdout
   return found

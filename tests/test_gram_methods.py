@@ -276,7 +276,9 @@ def test_bfloat16_gradients_use_float32_math(case):
 def test_non_finite_gradients_give_the_plain_sum_and_keep_the_state(case):
   tx = case.make(4, granularity="layer")
   update = jax.jit(tx.update)
-  _, state = update(random_grads(8, 4, np.float32), tx.init(params_like(random_grads(7, 4, np.float32))))
+  _, state = update(
+    random_grads(8, 4, np.float32), tx.init(params_like(random_grads(7, 4, np.float32)))
+  )
   for bad in (np.nan, np.inf):
     grads = random_grads(7, 4, np.float32)
     grads["dense_0"]["kernel"][1, 2, 3] = bad

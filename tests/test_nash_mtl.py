@@ -20,8 +20,9 @@ def test_matches_the_bargaining_solution(granularity, num_tasks, x64):
 
   With 5 or 8 tasks, the 3-parameter group of "layer" has no bargaining solution
   (some positive combination of its gradients is 0); its penalised solution has
-  weights beta up to ~200, where float32's rounding of the cosines (1e-7) times
-  beta^2 limits the accuracy to about 1e-3.
+  weights beta up to ~200, where float32's rounding of the cosines (eps = 1.2e-7)
+  is amplified by beta^2: the tolerance is 4 eps beta^2 (about 2e-2 at beta = 200,
+  the 4 a margin on the constant of that first-order bound), 1e-4 when smaller.
   """
   rng = np.random.default_rng(num_tasks)
   groups = reference.GROUPS[granularity]
@@ -37,7 +38,8 @@ def test_matches_the_bargaining_solution(granularity, num_tasks, x64):
       flat = [np.concatenate([grads[n].reshape(num_tasks, -1) for n in g], 1) for g in groups]
       betas = weights * np.stack([np.linalg.norm(f, axis=1) for f in flat])
       for group, names in enumerate(groups):
-        group_rtol = rtol if x64 or betas[group].max() < 10 else 3e-3
+        amplified = 4 * np.finfo(np.float32).eps * betas[group].max() ** 2
+        group_rtol = rtol if x64 else max(rtol, amplified)
         np.testing.assert_allclose(state.weights[group], weights[group], group_rtol, atol)
         np.testing.assert_allclose(state.iterate[group], betas[group], group_rtol, atol)
         expected = reference.group_updates(grads, [names], weights[group : group + 1])
