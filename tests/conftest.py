@@ -1,8 +1,8 @@
 """Hypothesis profiles for the property tests (the tests marked ``@given``).
 
-``default``: what CI runs, 20 examples per property test, no deadline (the
+``default``: what CI runs, 10 examples per property test, no deadline (the
 first example of each property compiles). ``deep``: a long, opt-in search
-with 50x as many examples, for before a release or after touching the
+with 100x as many examples, for before a release or after touching the
 algorithm. The deep search is one command (tens of minutes on 2 CPU cores):
 
     HYPOTHESIS_PROFILE=deep python -m pytest tests -m hypothesis -p no:xdist
@@ -46,7 +46,7 @@ os.environ["XLA_FLAGS"] = " ".join(
   + [f"--{name}={value}" for name, value in FAST_COMPILE_FLAGS.items() if name not in _xla_flags]
 ).strip()
 
-settings.register_profile("default", max_examples=20, deadline=None)
+settings.register_profile("default", max_examples=10, deadline=None)
 settings.register_profile(
   "deep",
   max_examples=1000,
