@@ -62,7 +62,9 @@ def train(params, x, y, tasks):
   def step(_, carry):
     params, opt_state = carry
     _, task_grads = per_task(params, x, y, tasks)
-    gradient_specs.append(str(jax.typeof(task_grads["trunk"]["kernel"]).sharding.spec))
+    # jax 0.7 prints PartitionSpec(...), newer releases P(...): the same spec.
+    spec = str(jax.typeof(task_grads["trunk"]["kernel"]).sharding.spec)
+    gradient_specs.append(spec.replace("PartitionSpec(", "P("))
     updates, opt_state = tx.update(task_grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state
 
