@@ -29,6 +29,11 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
   os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
   os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+# A directory for the run, shared by the pytest-xdist workers (tests/host_devices.py).
+if "OPTAX_GRADVAC_TESTS_RUN_DIR" not in os.environ:
+  _run_dir = tempfile.mkdtemp(prefix="optax_gradvac-tests-run-")
+  atexit.register(shutil.rmtree, _run_dir, ignore_errors=True)
+  os.environ["OPTAX_GRADVAC_TESTS_RUN_DIR"] = _run_dir
 
 # XLA:CPU compiles the suite's thousands of small programs at the lowest backend
 # optimization, with the legacy elemental emitters where jaxlib still has them: about
