@@ -17,6 +17,7 @@ object per line:
   parameter count.
 """
 
+import functools
 import json
 import os
 import pathlib
@@ -92,12 +93,19 @@ def _trajectory(step, tx, params, x, y) -> list:
   return history
 
 
+@functools.cache
+def _one_device_trajectory(layout: str) -> list:
+  """The stacked path on one device, no mesh: the reference of both axis types."""
+  params, x, y = _problem()
+  specs = sharding.param_specs(layout, VALUE_LAYERS)
+  tx, _, stacked = _steps(sharding.make_loss("data", specs, explicit=False))
+  return _trajectory(stacked, tx, params, x, y)
+
+
 def check_values(layout: str, axis_type: AxisType) -> dict:
   params, x, y = _problem()
   specs = sharding.param_specs(layout, VALUE_LAYERS)
-  # One device: the stacked path, no mesh.
-  tx, _, stacked = _steps(sharding.make_loss("data", specs, explicit=False))
-  reference = _trajectory(stacked, tx, params, x, y)
+  reference = _one_device_trajectory(layout)
 
   mesh = jax.make_mesh((8,), (sharding.AXIS,), axis_types=(axis_type,))
   with jax.set_mesh(mesh):

@@ -41,6 +41,13 @@ TRANSFORMS = {
   "mean_tasks": ogv.mean_tasks,
 }
 parametrize_transforms = pytest.mark.parametrize("make", TRANSFORMS.values(), ids=TRANSFORMS)
+# One transformation per kind of state (EMA targets, a warm start, a PRNG key, weights,
+# none): what depends on the state's plumbing, not on the method's math (eager
+# execution, chaining with donation, float16) runs on these.
+STATE_KINDS = ["gradvac-layer", "nash_mtl", "rlw", "mgda", "sum_tasks"]
+parametrize_state_kinds = pytest.mark.parametrize(
+  "make", [TRANSFORMS[name] for name in STATE_KINDS], ids=STATE_KINDS
+)
 
 
 def problem(dtype=jnp.float32, seed: int = 0):
@@ -53,10 +60,17 @@ def problem(dtype=jnp.float32, seed: int = 0):
   return params, grads
 
 
-@parametrize_transforms
-def test_jit_matches_eager_and_does_not_recompile(make):
+@functools.cache
+def jitted_update(make):
+  """A transformation and its jitted update, traced once per process for the tests below."""
   tx = make()
-  params, grads = problem()
+  return tx, jax.jit(tx.update)
+
+
+@parametrize_transforms
+def test_jit_does_not_recompile_and_vmap_runs_independent_runs(make):
+  tx = make()
+  params, _ = problem()
   traces = 0
 
   def update(grads, state, params):
@@ -66,7 +80,29 @@ def test_jit_matches_eager_and_does_not_recompile(make):
 
   jitted = jax.jit(update)
   state = jax.jit(tx.init)(params)
-  eager_state = tx.init(params)
+  singles = []
+  for seed in range(2):
+    updates, state = jitted(problem(seed=seed)[1], state, params)
+    singles.append(updates)
+  assert traces == 1
+  jax.tree.map(
+    lambda u, p: (u.shape, u.dtype) == (p.shape, p.dtype) or pytest.fail(), updates, params
+  )
+  # The second step from a fresh state is the second run's first step.
+  grads = jax.tree.map(lambda *g: jnp.stack(g), *[problem(seed=s)[1] for s in range(2)])
+  states = jax.vmap(lambda _: tx.init(params))(jnp.arange(2))
+  batched, _ = jax.jit(jax.vmap(tx.update, in_axes=(0, 0, None)))(grads, states, params)
+  second, _ = jitted(problem(seed=1)[1], tx.init(params), params)
+  for run, expected in enumerate([singles[0], second]):
+    for leaf, want in zip(jax.tree.leaves(batched), jax.tree.leaves(expected), strict=True):
+      np.testing.assert_allclose(leaf[run], want, rtol=1e-5, atol=1e-6)
+
+
+@parametrize_state_kinds
+def test_eager_matches_jit(make):
+  tx, jitted = jitted_update(make)
+  params, _ = problem()
+  state = eager_state = tx.init(params)
   for seed in range(2):
     grads = problem(seed=seed)[1]
     updates, state = jitted(grads, state, params)
@@ -74,22 +110,25 @@ def test_jit_matches_eager_and_does_not_recompile(make):
     jax.tree.map(
       lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), updates, eager_updates
     )
-  assert traces == 1
-  jax.tree.map(
-    lambda u, p: (u.shape, u.dtype) == (p.shape, p.dtype) or pytest.fail(), updates, params
-  )
 
 
-@parametrize_transforms
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
-def test_updates_keep_the_gradient_dtype(make, dtype):
-  """Low-precision gradients (float32's are checked by the test above)."""
+def assert_low_precision_update(make, dtype):
   tx = make()
   params, grads = problem(dtype)
   updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
   for update, param in zip(jax.tree.leaves(updates), jax.tree.leaves(params), strict=True):
     assert update.dtype == dtype and update.shape == param.shape
     assert jnp.isfinite(update).all()
+
+
+@parametrize_transforms
+def test_bfloat16_updates_keep_the_gradient_dtype(make):
+  assert_low_precision_update(make, jnp.bfloat16)
+
+
+@parametrize_state_kinds
+def test_float16_updates_keep_the_gradient_dtype(make):
+  assert_low_precision_update(make, jnp.float16)
 
 
 @parametrize_transforms
@@ -110,12 +149,13 @@ def test_state_is_stable_under_cond(make):
     assert (new.shape, new.dtype) == (old.shape, old.dtype)
 
 
-@parametrize_transforms
+@parametrize_state_kinds
 def test_chain_equals_the_optimizer_applied_to_the_surgery_update(make):
   """Chained before an optimizer with a state of its own, jitted with params and state donated."""
   optimizer = lambda: optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-2))  # noqa: E731
   chained = optax.chain(make(), optimizer())
-  surgery, inner = make(), optimizer()
+  surgery, surgery_update = jitted_update(make)
+  inner = optimizer()
 
   @functools.partial(jax.jit, donate_argnums=(0, 1))
   def step(params, state, grads):
@@ -127,7 +167,7 @@ def test_chain_equals_the_optimizer_applied_to_the_surgery_update(make):
   surgery_state, inner_state = surgery.init(params), inner.init(params)
   for seed in range(2):
     grads = problem(seed=seed)[1]
-    reduced, surgery_state = jax.jit(surgery.update)(grads, surgery_state, params)
+    reduced, surgery_state = surgery_update(grads, surgery_state, params)
     expected, inner_state = inner.update(reduced, inner_state, params)
     expected = optax.apply_updates(params, expected)
     params, chained_state = step(params, chained_state, grads)
@@ -147,20 +187,6 @@ def test_extra_arguments_are_accepted(make):
     tx.init(params),
   )
   assert jax.tree.structure(updates) == jax.tree.structure(params)
-
-
-@parametrize_transforms
-def test_vmap_over_independent_runs(make):
-  tx = make()
-  params, _ = problem()
-  grads = jax.tree.map(lambda *g: jnp.stack(g), *[problem(seed=s)[1] for s in range(2)])
-  states = jax.vmap(lambda _: tx.init(params))(jnp.arange(2))
-  updates, _ = jax.jit(jax.vmap(tx.update, in_axes=(0, 0, None)))(grads, states, params)
-  for run in range(2):
-    run_grads = jax.tree.map(lambda g, run=run: g[run], grads)
-    single, _ = jax.jit(tx.update)(run_grads, tx.init(params), params)
-    for batched, expected in zip(jax.tree.leaves(updates), jax.tree.leaves(single), strict=True):
-      np.testing.assert_allclose(batched[run], expected, rtol=1e-5, atol=1e-6)
 
 
 @parametrize_transforms

@@ -75,10 +75,11 @@ def test_zero_beta_and_zero_targets_is_pcgrad():
     gradvac = ogv.gradvac(4, beta=0.0, granularity=granularity, key=1)
     pcgrad = ogv.pcgrad(4, granularity=granularity, key=1)
     gv_state, pc_state = gradvac.init(params), pcgrad.init(params)
+    gv_update, pc_update = jax.jit(gradvac.update), jax.jit(pcgrad.update)
     for step in range(3):
       grads = random_grads(step)
-      gv_updates, gv_state = gradvac.update(grads, gv_state, params)
-      pc_updates, pc_state = pcgrad.update(grads, pc_state, params)
+      gv_updates, gv_state = gv_update(grads, gv_state, params)
+      pc_updates, pc_state = pc_update(grads, pc_state, params)
       jax.tree.map(np.testing.assert_array_equal, gv_updates, pc_updates)
     np.testing.assert_array_equal(gv_state.targets, 0)
 
@@ -205,7 +206,7 @@ def test_absent_task_takes_no_part():
   params = params_like(grads)
   tx = ogv.gradvac(4, beta=0.5, granularity="layer", shuffle=False)
   state = tx.init(params)._replace(targets=jnp.full((2, 4, 4), 0.3))
-  updates, new_state = tx.update(grads, state, params)
+  updates, new_state = jax.jit(tx.update)(grads, state, params)
   # dense_1 is group 1; task 2 is absent from it and present in dense_0.
   np.testing.assert_array_equal(new_state.targets[1, 2, :], np.float32(0.3))
   np.testing.assert_array_equal(new_state.targets[1, :, 2], np.float32(0.3))
@@ -216,7 +217,7 @@ def test_absent_task_takes_no_part():
   three = ogv.gradvac(3, beta=0.5, granularity="layer", shuffle=False)
   without = jax.tree.map(lambda g: g[jnp.array([0, 1, 3])], grads)
   three_state = three.init(params)._replace(targets=jnp.full((2, 3, 3), 0.3))
-  expected, _ = three.update(without, three_state, params)
+  expected, _ = jax.jit(three.update)(without, three_state, params)
   jax.tree.map(
     lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
     updates["dense_1"],
@@ -270,8 +271,9 @@ def test_opposite_tasks_give_finite_updates():
   params = params_like(grads)
   tx = ogv.gradvac(3, beta=0.5)
   state = tx.init(params)._replace(targets=jnp.full((2, 3, 3), 0.999))
+  update = jax.jit(tx.update)
   for _ in range(3):
-    updates, state = tx.update(grads, state, params)
+    updates, state = update(grads, state, params)
     assert all(np.isfinite(u).all() for u in jax.tree.leaves(updates))
     assert np.isfinite(state.targets).all()
 
@@ -308,7 +310,9 @@ def test_bfloat16_gradients_keep_their_dtype_and_use_float32_math():
   assert all(u.dtype == jnp.bfloat16 for u in jax.tree.leaves(updates))
   # Same values upcast: only the final rounding to bfloat16 differs.
   upcast = jax.tree.map(lambda g: g.astype(jnp.float32), low)
-  expected, expected_state = tx.update(upcast, tx.init(params_like(upcast)), params_like(upcast))
+  expected, expected_state = jax.jit(tx.update)(
+    upcast, tx.init(params_like(upcast)), params_like(upcast)
+  )
   jax.tree.map(
     lambda u, e: np.testing.assert_allclose(u.astype(np.float32), e, rtol=1e-2, atol=1e-2),
     updates,
@@ -440,7 +444,7 @@ def test_inject_hyperparams_with_traced_key_and_beta_schedule():
     grads = random_grads(step)
     updates, state = update(grads, state, params)
     plain = ogv.gradvac(4, beta=float(schedule(step)), key=5)
-    expected, reference_state = plain.update(grads, reference_state, params)
+    expected, reference_state = jax.jit(plain.update)(grads, reference_state, params)
     jax.tree.map(
       lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), updates, expected
     )

@@ -121,6 +121,14 @@ def params_like(grads: dict) -> dict:
   return jax.tree.map(lambda g: jnp.zeros(g.shape[1:], g.dtype), grads)
 
 
+@functools.cache
+def transformation(case: Case, num_tasks: int, granularity: str = "model"):
+  """A transformation and its jitted update, shared by the float32 tests of one case (the
+  same shapes and number of tasks, so one trace and one compile per process)."""
+  tx = case.make(num_tasks, granularity=granularity)
+  return tx, jax.jit(tx.update)
+
+
 @parametrize_cases
 @pytest.mark.parametrize(
   ("granularity", "num_tasks"), [("model", 5), ("layer", 2), ("layer", 8), ("tensor", 5)]
@@ -149,12 +157,12 @@ def test_matches_reference_in_float64(case, granularity, num_tasks):
 @parametrize_cases
 @pytest.mark.parametrize("granularity", ["model", "layer"])
 def test_matches_reference_in_float32(case, granularity):
-  num_tasks = 6
-  tx = case.make(num_tasks, granularity=granularity)
+  num_tasks = 5
+  tx, update = transformation(case, num_tasks, granularity)
   state = tx.init(params_like(random_grads(0, num_tasks, np.float32)))
   for step in range(3):
     grads = random_grads(step, num_tasks, np.float32)
-    updates, state = jax.jit(tx.update)(grads, state)
+    updates, state = update(grads, state)
     expected = reference_updates(case, grads, granularity)
     assert_updates_close(updates, expected, largest_norm(grads, granularity), 2e-5)
 
@@ -190,10 +198,9 @@ def test_one_task_identical_tasks_and_opposite_tasks(case):
   rng = np.random.default_rng(0)
   g = rng.normal(size=(1, 7))
   for matrix in [g, np.repeat(g, 3, axis=0), np.concatenate([g, -g, 2 * g, -0.5 * g])]:
-    num_tasks = len(matrix)
-    tx = case.make(num_tasks)
+    tx, update = transformation(case, len(matrix))
     grads = {"w": jnp.asarray(matrix, jnp.float32)}
-    updates, _ = jax.jit(tx.update)(grads, tx.init({"w": jnp.zeros(7)}))
+    updates, _ = update(grads, tx.init({"w": jnp.zeros(7)}))
     expected = case.reference(matrix)
     np.testing.assert_allclose(updates["w"], expected, rtol=1e-5, atol=1e-5 * np.abs(g).max())
 
@@ -205,12 +212,12 @@ def test_absent_task_is_left_out_of_its_group(case):
   grads["dense_1"] = jax.tree.map(
     lambda g: g.at[2].set(0), jax.tree.map(jnp.asarray, grads["dense_1"])
   )
-  tx = case.make(num_tasks, granularity="layer")
-  updates, state = jax.jit(tx.update)(grads, tx.init(params_like(grads)))
+  tx, update = transformation(case, num_tasks, "layer")
+  updates, state = update(grads, tx.init(params_like(grads)))
   others = [0, 1, 3, 4]
-  four = case.make(4, granularity="layer")
+  four, four_update = transformation(case, 4, "layer")
   without = jax.tree.map(lambda g: jnp.asarray(g)[jnp.array(others)], grads)
-  expected, four_state = jax.jit(four.update)(without, four.init(params_like(grads)))
+  expected, four_state = four_update(without, four.init(params_like(grads)))
   jax.tree.map(
     lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
     updates["dense_1"],
@@ -223,10 +230,10 @@ def test_absent_task_is_left_out_of_its_group(case):
 
 @parametrize_cases
 def test_group_without_any_task_gives_zero_and_a_finite_state(case):
-  grads = random_grads(4, 3, np.float32)
+  grads = random_grads(4, 5, np.float32)
   grads["dense_0"] = jax.tree.map(np.zeros_like, grads["dense_0"])
-  tx = case.make(3, granularity="layer")
-  updates, state = jax.jit(tx.update)(grads, tx.init(params_like(grads)))
+  tx, update = transformation(case, 5, "layer")
+  updates, state = update(grads, tx.init(params_like(grads)))
   for leaf in jax.tree.leaves(updates["dense_0"]):
     np.testing.assert_array_equal(leaf, 0)
   assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(state))
@@ -236,10 +243,9 @@ def test_group_without_any_task_gives_zero_and_a_finite_state(case):
 @parametrize_cases
 def test_scaling_all_gradients_scales_the_update(case):
   """2**70: the Gram matrix overflows float32 and is rebuilt from rescaled leaves."""
-  tx = case.make(5, granularity="layer")
+  tx, update = transformation(case, 5, "layer")
   grads = random_grads(5, 5, np.float32)
   params = params_like(grads)
-  update = jax.jit(tx.update)
   updates, state = update(grads, tx.init(params))
   power = case.scale_power
   for scale in (1e-6, 1e-3, 1e3, 1e6, 2.0**70):
@@ -259,9 +265,9 @@ def test_scaling_all_gradients_scales_the_update(case):
 
 @parametrize_cases
 def test_bfloat16_gradients_use_float32_math(case):
-  grads = jax.tree.map(lambda g: jnp.asarray(g, jnp.bfloat16), random_grads(6, 4, np.float32))
-  tx = case.make(4, granularity="layer")
-  updates, state = jax.jit(tx.update)(grads, tx.init(params_like(grads)))
+  grads = jax.tree.map(lambda g: jnp.asarray(g, jnp.bfloat16), random_grads(6, 5, np.float32))
+  tx, update = transformation(case, 5, "layer")
+  updates, state = update(grads, tx.init(params_like(grads)))
   assert state.weights.dtype == jnp.float32
   as_float32 = jax.tree.map(lambda g: g.astype(jnp.float32), grads)
   expected = reference_updates(case, as_float32, "layer")
@@ -274,13 +280,12 @@ def test_bfloat16_gradients_use_float32_math(case):
 
 @parametrize_cases
 def test_non_finite_gradients_give_the_plain_sum_and_keep_the_state(case):
-  tx = case.make(4, granularity="layer")
-  update = jax.jit(tx.update)
+  tx, update = transformation(case, 5, "layer")
   _, state = update(
-    random_grads(8, 4, np.float32), tx.init(params_like(random_grads(7, 4, np.float32)))
+    random_grads(8, 5, np.float32), tx.init(params_like(random_grads(7, 5, np.float32)))
   )
   for bad in (np.nan, np.inf):
-    grads = random_grads(7, 4, np.float32)
+    grads = random_grads(7, 5, np.float32)
     grads["dense_0"]["kernel"][1, 2, 3] = bad
     updates, new_state = update(grads, state)
     jax.tree.map(
@@ -292,8 +297,8 @@ def test_non_finite_gradients_give_the_plain_sum_and_keep_the_state(case):
 @parametrize_cases
 def test_weights_in_the_state_reproduce_the_update(case):
   grads = random_grads(9, 5, np.float32)
-  tx = case.make(5, granularity="layer")
-  updates, state = jax.jit(tx.update)(grads, tx.init(params_like(grads)))
+  tx, update = transformation(case, 5, "layer")
+  updates, state = update(grads, tx.init(params_like(grads)))
   for group, layer in enumerate(["dense_0", "dense_1"]):
     for name, grad in grads[layer].items():
       expected = np.einsum("t,t...->...", np.asarray(state.weights[group]), grad)
@@ -316,10 +321,9 @@ def test_many_groups_compile_once_and_agree_with_one_group_at_a_time(case):
   leaves = {
     f"layer_{k}": random_grads(10 + k, 4, np.float32)["dense_1"]["kernel"] for k in range(12)
   }
-  tx = case.make(4, granularity="tensor")
-  updates, _ = jax.jit(tx.update)(leaves, tx.init(params_like(leaves)))
-  single = case.make(4)
-  single_update = jax.jit(single.update)
+  tx, update = transformation(case, 4, "tensor")
+  updates, _ = update(leaves, tx.init(params_like(leaves)))
+  single, single_update = transformation(case, 4)
   state = single.init({"w": jnp.zeros((5, 3))})
   for name, leaf in leaves.items():
     alone, _ = single_update({"w": leaf}, state)

@@ -67,7 +67,7 @@ def losses_of(model):
   def loss(params, x, y):
     return jnp.mean((model.apply({"params": params}, x)[:, 0] - y) ** 2)
 
-  return ogv.task_value_and_grad(loss)
+  return jax.jit(ogv.task_value_and_grad(loss))
 
 
 def test_scanned_blocks_give_one_group_per_layer_in_unrolled_order():
