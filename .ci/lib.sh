@@ -52,3 +52,13 @@ for name in sys.argv[1:]:
     print(f"{name}==absent")
 PY
 }
+
+# What the other stacks' suites leave to the README's: the benchmark scripts' smoke runs,
+# the multilingual experiment's command line and its race harness (the project's tools;
+# the notebooks run the experiment's code on every stack).
+# shellcheck disable=SC2034
+README_STACK_ONLY=(
+  --ignore=tests/test_benchmarks.py
+  --ignore=tests/test_examples.py
+  --ignore=tests/test_race.py
+)

@@ -55,6 +55,10 @@ CASES = {
   ),
 }
 parametrize_cases = pytest.mark.parametrize("case", CASES.values(), ids=CASES)
+# CAGrad's paper setting (c = 2, no rescaling) is the default's code with two other
+# numbers: it meets the references; the special inputs below run on the default.
+INPUT_CASES = {name: case for name, case in CASES.items() if name != "cagrad-c2-paper"}
+parametrize_input_cases = pytest.mark.parametrize("case", INPUT_CASES.values(), ids=INPUT_CASES)
 
 SHAPES = {"dense_0": {"kernel": (6, 5), "bias": (5,)}, "dense_1": {"kernel": (5, 3), "bias": (3,)}}
 GROUPS = {
@@ -193,7 +197,7 @@ def test_matches_reference_for_random_trees(case, num_tasks, shapes, seed):
     assert error < 1e-8
 
 
-@parametrize_cases
+@parametrize_input_cases
 def test_one_task_identical_tasks_and_opposite_tasks(case):
   # [5, 3] leaves at 4 tasks: the compile of the single-group update below.
   rng = np.random.default_rng(0)
@@ -208,7 +212,7 @@ def test_one_task_identical_tasks_and_opposite_tasks(case):
     )
 
 
-@parametrize_cases
+@parametrize_input_cases
 def test_absent_task_is_left_out_of_its_group(case):
   num_tasks = 5
   grads = random_grads(3, num_tasks, np.float32)
@@ -231,7 +235,7 @@ def test_absent_task_is_left_out_of_its_group(case):
   assert state.weights[0, 2] != 0  # present in dense_0
 
 
-@parametrize_cases
+@parametrize_input_cases
 def test_group_without_any_task_gives_zero_and_a_finite_state(case):
   grads = random_grads(4, 5, np.float32)
   grads["dense_0"] = jax.tree.map(np.zeros_like, grads["dense_0"])
@@ -243,7 +247,7 @@ def test_group_without_any_task_gives_zero_and_a_finite_state(case):
   assert np.abs(np.asarray(updates["dense_1"]["kernel"])).max() > 0
 
 
-@parametrize_cases
+@parametrize_input_cases
 def test_scaling_all_gradients_scales_the_update(case):
   """2**70: the Gram matrix overflows float32 and is rebuilt from rescaled leaves."""
   tx, update = transformation(case, 5, "layer")
@@ -266,7 +270,7 @@ def test_scaling_all_gradients_scales_the_update(case):
     )
 
 
-@parametrize_cases
+@parametrize_input_cases
 def test_bfloat16_gradients_use_float32_math(case):
   grads = jax.tree.map(lambda g: jnp.asarray(g, jnp.bfloat16), random_grads(6, 5, np.float32))
   tx, update = transformation(case, 5, "layer")
@@ -281,7 +285,7 @@ def test_bfloat16_gradients_use_float32_math(case):
     )
 
 
-@parametrize_cases
+@parametrize_input_cases
 def test_non_finite_gradients_give_the_plain_sum_and_keep_the_state(case):
   tx, update = transformation(case, 5, "layer")
   _, state = update(
@@ -297,7 +301,7 @@ def test_non_finite_gradients_give_the_plain_sum_and_keep_the_state(case):
     jax.tree.map(np.testing.assert_array_equal, new_state, state)
 
 
-@parametrize_cases
+@parametrize_input_cases
 def test_weights_in_the_state_reproduce_the_update(case):
   grads = random_grads(9, 5, np.float32)
   tx, update = transformation(case, 5, "layer")
@@ -308,7 +312,7 @@ def test_weights_in_the_state_reproduce_the_update(case):
       np.testing.assert_allclose(updates[layer][name], expected, rtol=1e-5, atol=1e-6)
 
 
-@parametrize_cases
+@parametrize_input_cases
 def test_bad_arguments_are_rejected(case):
   with pytest.raises(ValueError, match="num_tasks must be at least 1"):
     case.make(0)
@@ -318,7 +322,7 @@ def test_bad_arguments_are_rejected(case):
     case.make(2, granularity="block")
 
 
-@parametrize_cases
+@parametrize_input_cases
 def test_many_groups_compile_once_and_agree_with_one_group_at_a_time(case):
   """Groups are vmapped: 12 tensor groups in one call equal 12 separate calls."""
   leaves = {
