@@ -73,14 +73,3 @@ collect_ignore = [
 # Keras reads its backend once, when it is first imported (tests/test_docs.py runs
 # the keras guide): the JAX one, in every process, xdist workers included.
 os.environ["KERAS_BACKEND"] = "jax"
-
-
-def pytest_configure(config):
-  """Under pytest-xdist, tests marked ``xdist_group`` run on one worker each group.
-
-  The 8-device checks start one subprocess per module (a module-scoped fixture); with
-  xdist's default ``load`` distribution every worker that runs one of a module's tests
-  would start it again.
-  """
-  if getattr(config.option, "dist", "no") == "load":
-    config.option.dist = "loadgroup"

@@ -30,8 +30,6 @@ from jax.sharding import AbstractMesh, AxisType
 
 import optax_gradvac as ogv
 
-# One worker runs the module's tests, so the 8-device subprocess starts once (conftest.py).
-pytestmark = pytest.mark.xdist_group(__name__)
 _SCRIPT = pathlib.Path(__file__).with_name("sharded_task_gradients_check.py")
 _LAYOUTS = ("data", "fsdp")
 _MODES = ("Auto", "Explicit")

@@ -23,8 +23,6 @@ import pathlib
 import host_devices
 import pytest
 
-# One worker runs the module's tests, so the 8-device subprocess starts once (conftest.py).
-pytestmark = pytest.mark.xdist_group(__name__)
 _SCRIPT = pathlib.Path(__file__).with_name("sharding_memory_check.py")
 
 _FSDP_TEMP = (
