@@ -105,8 +105,14 @@ def test_scaling_all_gradients_scales_the_update(scale):
 
 @pytest.fixture(params=[False, True], ids=["one-cond", "cond-per-leaf"])
 def cond_per_leaf(request, monkeypatch):
-  """The overflow rescue as on one device (one lax.cond) and as on a mesh (one per leaf)."""
-  monkeypatch.setattr(_pytree, "_cond_per_leaf", lambda views: request.param)
+  """The overflow rescue with every leaf in one lax.cond (as small leaves share one on one
+  device) and with one per leaf (as on a mesh)."""
+
+  def chunks(views):
+    indices = list(range(len(views)))
+    return [[index] for index in indices] if request.param else [indices]
+
+  monkeypatch.setattr(_pytree, "_rescue_chunks", chunks)
   return request.param
 
 
@@ -127,6 +133,30 @@ def test_gradients_whose_squares_overflow_are_handled_exactly(exponent, cond_per
     for field in ["count", "targets", "cosine", "corrected", "weights"]:
       np.testing.assert_allclose(getattr(scaled_state, field), getattr(state, field), rtol=1e-6)
   assert int(scaled_state.count) == 3 and state.corrected.any()
+
+
+@pytest.mark.parametrize("method", ["imtl_g", "gradvac"])  # whole model, per layer
+def test_the_overflow_rescue_holds_one_chunk_of_the_gradients(method):
+  """XLA copies a ``lax.cond``'s operands: the update's scratch is one rescue chunk's.
+
+  With every leaf in one conditional, the update held a second copy of all the
+  stacked gradients. 48 leaves, T = 8, compiled from shapes: the scratch is the
+  largest chunk (here a kernel and a bias of T gradients, 520 KiB) plus the update's
+  arrays of ``[T, T]`` size and smaller, far below one more leaf.
+  """
+  num_tasks, width = 8, 128
+  param = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)  # noqa: E731
+  params = {f"dense_{i}": {"kernel": param(width, width), "bias": param(width)} for i in range(24)}
+  grads = jax.tree.map(lambda p: param(num_tasks, *p.shape), params)
+  views = [param(num_tasks, leaf.size // num_tasks) for leaf in jax.tree.leaves(grads)]
+  chunks = _pytree._rescue_chunks(views)
+  largest = max(sum(views[index].size * 4 for index in chunk) for chunk in chunks)
+  stacked = sum(leaf.size * 4 for leaf in views)
+  assert 1 < len(chunks) <= 48 and largest < stacked / 8
+  tx = getattr(ogv, method)(num_tasks)
+  compiled = jax.jit(tx.update).lower(grads, jax.eval_shape(tx.init, params), params).compile()
+  temp = compiled.memory_analysis().temp_size_in_bytes
+  assert temp <= largest + 64 * 1024, (temp, largest, stacked)
 
 
 def test_only_the_layer_that_overflows_is_rescaled(cond_per_leaf):
