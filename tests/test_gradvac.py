@@ -140,9 +140,11 @@ def test_the_overflow_rescue_holds_one_chunk_of_the_gradients(method):
   """XLA copies a ``lax.cond``'s operands: the update's scratch is one rescue chunk's.
 
   With every leaf in one conditional, the update held a second copy of all the
-  stacked gradients. 48 leaves, T = 8, compiled from shapes: the scratch is the
-  largest chunk (here a kernel and a bias of T gradients, 520 KiB) plus the update's
-  arrays of ``[T, T]`` size and smaller, far below one more leaf.
+  stacked gradients. 48 leaves, T = 8, compiled from shapes, 24 chunks of a kernel and
+  a bias of T gradients (520 KiB): the scratch is the copies of at most two chunks (the
+  one checked and the next, which XLA may start before the first is freed: jaxlib
+  0.10.1 holds one, 0.12.1 one and a half) and the update's ``[T, T]``-sized arrays,
+  a twelfth of the gradients where one conditional for all held all of them.
   """
   num_tasks, width = 8, 128
   param = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)  # noqa: E731
@@ -156,7 +158,7 @@ def test_the_overflow_rescue_holds_one_chunk_of_the_gradients(method):
   tx = getattr(ogv, method)(num_tasks)
   compiled = jax.jit(tx.update).lower(grads, jax.eval_shape(tx.init, params), params).compile()
   temp = compiled.memory_analysis().temp_size_in_bytes
-  assert temp <= largest + 64 * 1024, (temp, largest, stacked)
+  assert temp <= 2 * largest + 64 * 1024, (temp, largest, stacked)
 
 
 def test_only_the_layer_that_overflows_is_rescaled(cond_per_leaf):

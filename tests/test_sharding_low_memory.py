@@ -16,7 +16,6 @@ and Explicit axes:
   or reduced whole.
 """
 
-import importlib.metadata
 import pathlib
 
 import host_devices
@@ -84,16 +83,6 @@ def test_collectives_are_seen(reports: dict) -> None:
         assert report["plain"]["all-gather"] >= report["largest_param"] // report["devices"]
 
 
-# XLA, hence jaxlib, decides the schedule: jaxlib 0.10.1 (what Python 3.11 gets, 0.10.2
-# being excluded) and older hold more than the bound for the tensor-parallel step.
-_JAXLIB = tuple(int(part) for part in importlib.metadata.version("jaxlib").split(".")[:3])
-_OLD_XLA = _JAXLIB < (0, 10, 2)
-_TENSOR_OLD_XLA = (
-  "jaxlib 0.10.1 and older: XLA holds about 1.1x the bound for the tensor-parallel "
-  "low-memory step; jaxlib 0.10.2 and newer stay below it (benchmarks/README.md, section 9)"
-)
-
-
 def _cases() -> list:
   cases = []
   for layout in _LAYOUTS:
@@ -101,8 +90,6 @@ def _cases() -> list:
       for check in ("temp", "temp-undivided", "collectives"):
         reason = _XFAIL.get((layout, mode, check))
         marks = [pytest.mark.xfail(reason=reason, strict=True)] if reason else []
-        if (layout, check) == ("tensor", "temp") and _OLD_XLA:
-          marks = [pytest.mark.xfail(reason=_TENSOR_OLD_XLA, strict=False)]
         cases.append(pytest.param(layout, mode, check, marks=marks, id=f"{layout}-{mode}-{check}"))
   return cases
 
