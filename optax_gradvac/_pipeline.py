@@ -46,8 +46,12 @@ class Method(NamedTuple):
       with (at least) the fields of :class:`GramState`.
     weigh: ``(gram [G, T, T], state, **inputs) -> (weights [G, T], state)``: the task
       weights of every group, and the method's own fields of the new state (the
-      pipeline fills in ``count``, ``cosine`` and ``weights``).
-    fallback: the weight of every task when a gradient is not finite.
+      pipeline fills in ``count``, ``cosine`` and ``weights``). It is called on
+      consecutive chunks of the groups, with the state's fields that have a
+      groups axis sliced alike (see :func:`_pytree.stream_chunks`): a group's
+      weights and state may depend on its own Gram matrix and state only, and
+      the fields without a groups axis (a key) must come out of every call alike.
+    fallback: the weight of every task of a group whose gradients are not finite.
     homogeneous: whether the method's update is homogeneous of degree 1 in the
       gradients (``c g`` gives ``c`` times the update); otherwise of degree 0.
       A method of another degree takes ``"scale"`` among its ``inputs`` and
@@ -55,8 +59,9 @@ class Method(NamedTuple):
     inputs: what ``weigh`` also needs, passed to it as keyword arguments of
       these names: ``"scale"``, the ``[G]`` powers of two that the Gram matrices
       were divided by (see :func:`_pytree.scaled_gram_matrices`; 1 unless they
-      overflowed), or the name of an extra keyword argument of ``update`` (such
-      as ``"losses"``; ``None`` when the caller did not pass it).
+      overflowed), ``"groups"``, the :class:`GroupRange` of the chunk, or the
+      name of an extra keyword argument of ``update`` (such as ``"losses"``;
+      ``None`` when the caller did not pass it).
   """
 
   name: str
@@ -65,6 +70,30 @@ class Method(NamedTuple):
   fallback: float = 1.0
   homogeneous: bool = True
   inputs: tuple[str, ...] = ()
+
+
+class GroupRange(NamedTuple):
+  """The groups a call of ``weigh`` is given: ``start:stop`` of ``total``."""
+
+  start: int
+  stop: int
+  total: int
+
+
+def _per_group_fields(method: Method, num_tasks: int) -> Any:
+  """The state's structure, with True at the leaves that have a leading groups axis."""
+  one, two = (
+    jax.eval_shape(lambda size=size: method.init(size, num_tasks, jnp.dtype(jnp.float32)))
+    for size in (1, 2)
+  )
+  return jax.tree.map(lambda a, b: a.shape != b.shape, one, two)
+
+
+def _shifted(group: _pytree.Group, start: int) -> _pytree.Group:
+  """``group``, numbered from ``start`` (the first group of its chunk)."""
+  if isinstance(group, tuple):
+    return tuple(member - start for member in group)
+  return group - start
 
 
 def gram_state(num_groups: int, num_tasks: int, dtype: jnp.dtype) -> GramState:
@@ -155,10 +184,15 @@ def gram_transformation(
 
   ``update`` checks the stacked per-task gradients, reduces every group to its
   ``[T, T]`` Gram matrix (one pass over the gradients), asks the method for the
-  task weights and forms the update (a second pass). If any gradient entry is
-  NaN or inf, the update is ``method.fallback`` times the sum and the state is
-  unchanged; finite gradients whose squares overflow are rescaled by a power of
-  two first, which changes no result.
+  task weights and forms the update (a second pass). The groups' weights are
+  computed chunk by chunk (:func:`_pytree.stream_chunks`), each from its own
+  Gram matrices, so that within one jitted step XLA can reduce each chunk's
+  gradients as soon as the backward pass has made them (how much it does is
+  its scheduler's choice). A group with a NaN or inf gradient entry takes
+  ``method.fallback`` times its sum (its update is not finite, so a later
+  ``optax.apply_if_finite`` skips the step), and then the whole state is kept;
+  finite gradients whose squares overflow are rescaled by a power of two first,
+  which changes no result.
 
   With ``update(None, state, params, task_grads_fn=fn)``, the two passes each
   compute the gradients ``fn(params)[1]`` afresh (the low-memory path): the
@@ -225,29 +259,61 @@ def gram_transformation(
 
     dtype = _pytree.compute_dtype([*leaves, state.cosine])
     recomputed = extra_args.get(TASK_GRADS_FN) is not None
-    gram, scale = _pytree.scaled_gram_matrices(
-      leaves_after, groups, len(names), dtype, recomputed=recomputed
+    if recomputed:  # every pass computes all the gradients: one chunk
+      chunks = [_pytree.Chunk(0, len(names), list(range(len(leaves))))]
+    else:
+      chunks = _pytree.stream_chunks(leaves, groups)
+    per_group = _per_group_fields(method, num_tasks)
+    reduced: list[Any] = [None] * len(leaves)
+    parts = []
+    for chunk in chunks:
+      local = [_shifted(groups[index], chunk.start) for index in chunk.leaves]
+
+      def chunk_leaves(dependency: Any, chunk: _pytree.Chunk = chunk) -> list[jax.Array]:
+        computed = leaves_after(dependency)
+        return [computed[index] for index in chunk.leaves]
+
+      gram, scale, finite = _pytree.scaled_gram_matrices(
+        chunk_leaves,
+        local,
+        chunk.stop - chunk.start,
+        dtype,
+        recomputed=recomputed,
+        model_leaves=leaves,
+      )
+      groups_given = GroupRange(chunk.start, chunk.stop, len(names))
+      available = {**extra_args, "scale": scale, "groups": groups_given}
+      inputs = {name: available.get(name) for name in method.inputs}
+      chunk_groups = slice(chunk.start, chunk.stop)
+      sliced = jax.tree.map(
+        lambda field, grouped, part=chunk_groups: field[part] if grouped else field,
+        state,
+        per_group,
+      )
+      weights, new_state = method.weigh(gram, sliced, **inputs)
+      if not method.homogeneous:
+        # The weights are those of the gradients divided by `scale` (per group).
+        weights = weights / scale[:, None]
+      weights = jnp.where(finite[:, None], weights, jnp.asarray(method.fallback, weights.dtype))
+      for index, leaf, group in zip(chunk.leaves, chunk_leaves(weights), local, strict=True):
+        reduced[index] = _pytree.weighted_sum(leaf, weights, group)
+      parts.append((gram, weights, new_state, finite))
+
+    grams, weights, states, finite = zip(*parts, strict=True)
+    gram, weights = jnp.concatenate(grams), jnp.concatenate(weights)
+    new_state = jax.tree.map(
+      lambda grouped, *fields: jnp.concatenate(fields) if grouped else fields[0],
+      per_group,
+      *states,
     )
-    available = {**extra_args, "scale": scale}
-    inputs = {name: available.get(name) for name in method.inputs}
-    weights, new_state = method.weigh(gram, state, **inputs)
-    if not method.homogeneous:
-      # The weights are those of the gradients divided by `scale` (per group).
-      weights = weights / scale[:, None]
-    # A NaN or inf entry makes its task's squared norm non-finite: one check on
-    # the Gram diagonal, no extra pass over the gradients.
-    finite = jnp.all(jnp.isfinite(jnp.diagonal(gram, axis1=1, axis2=2)))
-    weights = jnp.where(finite, weights, jnp.asarray(method.fallback, weights.dtype))
     new_state = new_state._replace(
       count=optax.safe_increment(state.count),
       cosine=pairwise_cosine(gram).astype(state.cosine.dtype),
       weights=weights.astype(state.weights.dtype),
     )
+    # Any non-finite gradient leaves the whole state as it was.
+    finite = jnp.all(jnp.concatenate(finite))
     new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
-    reduced = [
-      _pytree.weighted_sum(leaf, weights, group)
-      for leaf, group in zip(leaves_after(weights), groups, strict=True)
-    ]
     return _like_params(jax.tree.unflatten(jax.tree.structure(tree), reduced), params), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

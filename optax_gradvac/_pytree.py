@@ -8,7 +8,7 @@ acts on ``[num_groups, T, T]`` arrays.
 import dataclasses
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -459,12 +459,36 @@ def _rescued_gram(leaf: jax.Array, stacked: bool, dtype: jnp.dtype) -> tuple[jax
   return _scaled_gram(leaf, exponent, stacked, dtype), exponent
 
 
-# On one device, the stacked gradients are split into at most about this many
-# conditionals of the overflow rescue (see _rescue_chunks).
-_RESCUE_CHUNKS = 16
+# The gradients are split into at most about this many chunks: the groups whose
+# weights are computed together (see stream_chunks), and on one device the leaves
+# that share a conditional of the overflow rescue (see _rescue_chunks).
+_CHUNKS = 16
 
 
-def _rescue_chunks(views: Sequence[jax.Array]) -> list[list[int]]:
+def _nbytes(leaf: jax.Array) -> int:
+  return leaf.size * leaf.dtype.itemsize
+
+
+def chunk_limit(leaves: Sequence[jax.Array]) -> float:
+  """Bytes of a chunk of leaves: the largest leaf's size or 1/16 of all, whichever is larger."""
+  sizes = [_nbytes(leaf) for leaf in leaves]
+  return max(*sizes, sum(sizes) / _CHUNKS)
+
+
+def _packed(sizes: Sequence[int], limit: float) -> list[list[int]]:
+  """Consecutive indices packed into lists whose sizes add up to at most ``limit``."""
+  chunks: list[list[int]] = []
+  total = 0
+  for index, size in enumerate(sizes):
+    if not chunks or total + size > limit:
+      chunks.append([])
+      total = 0
+    chunks[-1].append(index)
+    total += size
+  return chunks
+
+
+def _rescue_chunks(views: Sequence[jax.Array], limit: float) -> list[list[int]]:
   """The leaves of each ``lax.cond`` of the overflow rescue of stacked gradients.
 
   XLA copies a conditional's operands: one ``lax.cond`` reading every leaf made
@@ -472,25 +496,68 @@ def _rescue_chunks(views: Sequence[jax.Array]) -> list[list[int]]:
   ``memory_analysis``, 200 leaves: 1.0x their size). On a mesh, one conditional
   per leaf (there a conditional reading several leaves also made XLA keep them in
   its branch's layout). On one device, consecutive leaves share a conditional up
-  to the largest leaf's size or 1/16 of all, whichever is larger: the copy stays
-  within that, and a model with many small leaves does not pay one conditional per
-  leaf, each of which costs XLA:GPU a read of its predicate by the host (one per
-  leaf took an H100's update from 1.03 to 1.27 times its two passes, 50 leaves,
-  T = 8).
+  to ``limit`` bytes (:func:`chunk_limit`): the copy stays within that, and a
+  model with many small leaves does not pay one conditional per leaf, each of
+  which costs XLA:GPU a read of its predicate by the host (one per leaf took an
+  H100's update from 1.03 to 1.27 times its two passes, 50 leaves, T = 8).
   """
   if any(_may_be_sharded(view) for view in views):
     return [[index] for index in range(len(views))]
-  sizes = [view.size * view.dtype.itemsize for view in views]
-  limit = max(*sizes, sum(sizes) / _RESCUE_CHUNKS)
-  chunks: list[list[int]] = []
-  total = limit
-  for index, size in enumerate(sizes):
-    if total + size > limit:
-      chunks.append([])
-      total = 0
-    chunks[-1].append(index)
-    total += size
-  return chunks
+  return _packed([_nbytes(view) for view in views], limit)
+
+
+# The least bytes of per-task gradients in a chunk of groups: below this, holding
+# them costs less than compiling the method's solver once more.
+_MIN_CHUNK_BYTES = 4 << 20
+
+
+class Chunk(NamedTuple):
+  """Groups ``start:stop`` and the indices of their leaves: weights computed together."""
+
+  start: int
+  stop: int
+  leaves: list[int]
+
+
+def stream_chunks(leaves: Sequence[jax.Array], groups: Sequence[Group]) -> list[Chunk]:
+  """The chunks of groups whose weights are computed together, in group order.
+
+  Each chunk's weights read its own leaves' Gram matrices only, so its update
+  needs no other gradient: XLA then reduces each chunk's per-task gradients as
+  soon as the backward pass has produced them, instead of holding them all until
+  every Gram matrix exists. Groups that share a leaf (the layers of a stacked
+  leaf) share a chunk; consecutive groups are packed into one chunk up to
+  :func:`chunk_limit` of their leaves' bytes or 4 MiB (or their own, if larger),
+  so that a model with many small groups does not compile its method's solver
+  once per group, and a small model keeps one chunk.
+  """
+  num_groups = 1 + max(max(group) if isinstance(group, tuple) else group for group in groups)
+  # Intervals of groups that share leaves, merged where they overlap.
+  spans: list[list[int]] = []
+  for start, stop in sorted(
+    (min(group), max(group) + 1) if isinstance(group, tuple) else (group, group + 1)
+    for group in groups
+  ):
+    if spans and start < spans[-1][1]:
+      spans[-1][1] = max(spans[-1][1], stop)
+    else:
+      spans.append([start, stop])
+  span_of = np.zeros(num_groups, int)
+  for index, (start, stop) in enumerate(spans):
+    span_of[start:stop] = index
+  members: list[list[int]] = [[] for _ in spans]
+  for index, group in enumerate(groups):
+    members[span_of[min(group) if isinstance(group, tuple) else group]].append(index)
+  sizes = [sum(_nbytes(leaves[index]) for index in member) for member in members]
+  packed = _packed(sizes, max(*sizes, chunk_limit(leaves), _MIN_CHUNK_BYTES))
+  return [
+    Chunk(
+      spans[chunk[0]][0],
+      spans[chunk[-1]][1],
+      sorted(index for span in chunk for index in members[span]),
+    )
+    for chunk in packed
+  ]
 
 
 def scaled_gram_matrices(
@@ -500,7 +567,8 @@ def scaled_gram_matrices(
   dtype: jnp.dtype,
   *,
   recomputed: bool = False,
-) -> tuple[jax.Array, jax.Array]:
+  model_leaves: Sequence[jax.Array] | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
   """``[num_groups, T, T]`` Gram matrices of the gradients, divided by a power of two if need be.
 
   One contraction per leaf over all but the task axis (and the stacked-layer axis,
@@ -510,25 +578,30 @@ def scaled_gram_matrices(
 
   A finite gradient whose squared norm overflows ``dtype`` (entries around 1e19
   in float32) gives an infinite Gram diagonal. Each leaf's Gram matrices are
-  checked: only a leaf whose diagonal exceeds ``max / number of leaves`` (so
-  that no sum of unscaled leaves can overflow) or is not finite is read again
+  checked: only a leaf whose diagonal exceeds ``sqrt(max) / number of leaves``
+  or is not finite is read again
   (``lax.cond``: more passes over it in that rare case alone), divided by the
   power of two just above half its largest magnitude and contracted again. The
   leaves' Gram matrices are then brought to the largest of these powers within
-  each group ``g``, ``scale[g]``, by powers of two, which is exact. Gradients with a NaN or inf
-  entry keep a non-finite diagonal.
+  each group ``g``, ``scale[g]``, by powers of two, which is exact. The limit
+  leaves room for the sums of the leaves and for the methods' own arithmetic
+  (sums over tasks, products of two entries): with a float32 diagonal of 2e38,
+  finite, every method's update was wrong.
 
   ``leaves_after(dependency)`` gives the gradient leaves, computed after
   ``dependency`` is known: the stacked gradients themselves, or (on the
   low-memory path, ``recomputed``) the gradients computed again, so that no
-  pass needs all of them at once. Stacked gradients get a ``lax.cond`` per chunk
-  of leaves (:func:`_rescue_chunks`). Recomputed
-  gradients get one ``lax.cond`` whose branch computes them again.
+  pass needs all of them at once; ``model_leaves`` are all the model's leaves
+  when ``leaves_after`` gives a chunk of them (:func:`stream_chunks`). Stacked
+  gradients get a ``lax.cond`` per chunk of leaves (:func:`_rescue_chunks`).
+  Recomputed gradients get one ``lax.cond`` whose branch computes them again.
 
   Returns:
-    ``(gram, scale)``: the Gram matrices of group ``g`` are those of its
+    ``(gram, scale, finite)``: the Gram matrices of group ``g`` are those of its
     gradients divided by ``scale[g]`` (``[num_groups]`` powers of two in
-    ``dtype``, 1 unless they overflowed).
+    ``dtype``, 1 unless they overflowed); ``finite[g]`` says whether all of
+    group ``g``'s gradient entries are finite (if not, the Gram matrices of its
+    leaves with a NaN or inf entry are left out of ``gram[g]``).
   """
   stacked = [isinstance(group, tuple) for group in groups]
 
@@ -537,7 +610,9 @@ def scaled_gram_matrices(
     return [_gram_view(leaf, layers) for leaf, layers in zip(leaves, stacked, strict=True)]
 
   leaves = views_after(None)
-  limit = jnp.finfo(dtype).max / len(leaves)
+  # The leaves of the whole model, when these are a chunk of them: the limits are theirs.
+  model_leaves = leaves if model_leaves is None else model_leaves
+  limit = np.sqrt(jnp.finfo(dtype).max) / len(model_leaves)
   zeros = [
     jnp.zeros(leaf.shape[1:2] if layers else (), jnp.int32)
     for leaf, layers in zip(leaves, stacked, strict=True)
@@ -565,7 +640,7 @@ def scaled_gram_matrices(
 
     grams, exponents = jax.lax.cond(jnp.all(jnp.stack(safe)), lambda: (grams, exponents), rescued)
   else:
-    for chunk in _rescue_chunks(leaves):
+    for chunk in _rescue_chunks(leaves, chunk_limit(model_leaves)):
 
       def rescued(chunk: list[int] = chunk) -> tuple[list[jax.Array], list[jax.Array]]:
         # Only the leaves that overflowed take the rescaled Gram matrix.
@@ -600,13 +675,20 @@ def scaled_gram_matrices(
   group_exponents = jnp.max(jnp.where(membership, block_exponents, 0), axis=1)
   shifts = 2 * (block_exponents - group_exponents[np.asarray(members)])
   factors = jnp.where(membership, jnp.ldexp(jnp.ones(shifts.shape, dtype), shifts), 0)
+  # A NaN or inf entry makes its block non-finite (its task's squared norm is),
+  # and its group's; zeroed, it cannot reach the other groups through the sums
+  # (0 x NaN is NaN).
+  blocks = jnp.stack(blocks)
+  block_finite = jnp.all(jnp.isfinite(blocks), axis=(1, 2))
+  finite = jnp.all(jnp.where(membership, block_finite, True), axis=1)
+  blocks = jnp.where(block_finite[:, None, None], blocks, 0)
   # The group sums as one contraction, not a sum of the blocks: XLA fuses such a
   # sum into every reader of the Gram matrices, and compiles it once per reader
   # (at 48 leaves, a whole-model update compiled 3x slower).
   gram = jnp.einsum(
-    "gb,btu->gtu", factors, jnp.stack(blocks), precision=_PRECISION, preferred_element_type=dtype
+    "gb,btu->gtu", factors, blocks, precision=_PRECISION, preferred_element_type=dtype
   )
-  return gram, jnp.ldexp(jnp.ones([], dtype), group_exponents)
+  return gram, jnp.ldexp(jnp.ones([], dtype), group_exponents), finite
 
 
 def weighted_sum(leaf: jax.Array, weights: jax.Array, group: Group) -> jax.Array:

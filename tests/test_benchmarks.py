@@ -29,6 +29,7 @@ def load(name: str) -> ModuleType:
     "peers",
     "peers_losses",
     "low_memory",
+    "streaming",
     "accelerator",
   ],
 )

@@ -92,8 +92,8 @@ def aligned_mtl(
 
   Cost: two passes over the gradients (the Gram matrices, one weighted sum) and
   one ``[T, T]`` eigen-decomposition per group. Special inputs as
-  :func:`gradvac`: a zero gradient is left out of its group; any NaN or inf
-  gives the plain sum and leaves the state unchanged. Scaling every gradient by
+  :func:`gradvac`: a zero gradient is left out of its group; a NaN or inf
+  gives its group's plain sum and leaves the state unchanged. Scaling every gradient by
   ``c`` scales the update by ``c``.
 
   .. warning::

@@ -174,7 +174,7 @@ def cagrad(
   times ``k``).
 
   Same input contract, checks, special inputs (an absent task is left out of
-  its group; a NaN or inf gives the plain sum and keeps the state) and
+  its group; a NaN or inf gives its group's plain sum and keeps the state) and
   ``granularity`` options as :func:`gradvac`; the state
   (:class:`GramState`) logs each group's cosines and task weights. ``c`` may
   be a schedule or an array under ``optax.inject_hyperparams(cagrad,

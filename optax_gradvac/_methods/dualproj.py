@@ -78,7 +78,7 @@ def dualproj(
   scale-equivariant (gradients times ``c`` give the update times ``c``).
 
   Same input contract, checks, special inputs (an absent task is left out of
-  its group; a NaN or inf gives the plain sum and keeps the state) and
+  its group; a NaN or inf gives its group's plain sum and keeps the state) and
   ``granularity`` options as :func:`gradvac`; the state (:class:`GramState`)
   logs each group's cosines and task weights.
 

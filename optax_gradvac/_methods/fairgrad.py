@@ -284,8 +284,8 @@ def fairgrad(
   Cost: two passes over the gradients (the Gram matrices, one weighted sum) and
   a few ``[T, T]`` Cholesky solves per group, one per Newton step (at most
   ``max_iterations``). Special inputs as :func:`gradvac`: a zero gradient is
-  left out of its group; any NaN or inf gives the plain sum and leaves the
-  state unchanged. No state beyond what it logs (:class:`GramState`).
+  left out of its group; a NaN or inf gives its group's plain sum and leaves
+  the state unchanged. No state beyond what it logs (:class:`GramState`).
 
   .. warning::
     Like :func:`gradvac`, it must come first in a chain; use

@@ -118,8 +118,8 @@ def gradnorm(
   that is present skips that step of the weights (the update is made with the
   current weights). A task whose gradient is zero in a group (absent from the
   batch) keeps its weight there and gets weight 0 in the update and in the
-  logged ``weights``. A NaN or inf gradient gives the plain sum and leaves the
-  state unchanged.
+  logged ``weights``. A NaN or inf gradient gives its group's plain sum and leaves
+  the state unchanged.
 
   .. warning::
     Like :func:`gradvac`, it must come first in a chain; use

@@ -216,9 +216,10 @@ def gradvac(
 
   Special inputs: a task whose gradient is exactly zero in a group (e.g. a task
   absent from the batch) takes no part in that group's surgery and keeps its
-  targets. If any gradient entry is NaN or inf, the update is the plain sum
-  (so a later ``optax.apply_if_finite`` can skip the step) and the state is
-  returned unchanged.
+  targets. A group with a NaN or inf gradient entry passes its plain sum (so
+  the update is not finite, and a later ``optax.apply_if_finite`` can skip the
+  step; the other groups' updates do not wait for its gradients), and then the
+  whole state is returned unchanged.
 
   .. warning::
     The input has a task axis that the output does not, so ``gradvac`` must
@@ -369,9 +370,13 @@ def _surgery(
       weights=logged.weights,
     )
 
-  def weigh(gram: jax.Array, state: GradVacState) -> tuple[jax.Array, GradVacState]:
+  def weigh(
+    gram: jax.Array, state: GradVacState, *, groups: _pipeline.GroupRange
+  ) -> tuple[jax.Array, GradVacState]:
     new_key, order_key = jax.random.split(state.key)
-    order = visiting_order(order_key, gram.shape[0], num_tasks, shuffle=shuffle)
+    # Every group's order, whichever groups this call is given.
+    order = visiting_order(order_key, groups.total, num_tasks, shuffle=shuffle)
+    order = order[groups.start : groups.stop]
     surgery = jax.vmap(functools.partial(gradvac_coefficients, beta=beta, eps=eps))(
       gram, state.targets, order
     )
@@ -380,5 +385,5 @@ def _surgery(
       key=new_key, targets=surgery.targets, corrected=surgery.corrected
     )
 
-  method = _pipeline.Method(name, init, weigh, fallback=scale)
+  method = _pipeline.Method(name, init, weigh, fallback=scale, inputs=("groups",))
   return _pipeline.gram_transformation(method, num_tasks, granularity)

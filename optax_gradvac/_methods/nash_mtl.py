@@ -207,7 +207,7 @@ def nash_mtl(
   a few ``[T, T]`` Cholesky solves per group: one per Newton step,
   typically 0 to 3 warm-started and 3 to 7 cold, at most ``max_iterations``.
   Special inputs as :func:`gradvac`: a zero gradient is left out of its group;
-  any NaN or inf gives the plain sum and leaves the state unchanged.
+  a NaN or inf gives its group's plain sum and leaves the state unchanged.
 
   .. warning::
     Like :func:`gradvac`, it must come first in a chain; use

@@ -41,7 +41,7 @@ def rlw(
 
   The state keeps a typed key, split once per update: the weights of a run are
   reproducible from ``key`` and do not depend on the gradients. A NaN or inf
-  gradient gives the plain sum and leaves the state (so the key) unchanged,
+  gradient gives its group's plain sum and leaves the state (so the key) unchanged,
   as for :func:`gradvac`.
 
   .. warning::

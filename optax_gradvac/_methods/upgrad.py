@@ -79,7 +79,7 @@ def upgrad(
   paper's ``A_UPGrad``) with its default, uniform preference vector.
 
   Same input contract, checks, special inputs (an absent task is left out of
-  its group; a NaN or inf gives the plain sum and keeps the state) and
+  its group; a NaN or inf gives its group's plain sum and keeps the state) and
   ``granularity`` options as :func:`gradvac`; the state
   (:class:`GramState`) logs each group's cosines and task weights.
 
