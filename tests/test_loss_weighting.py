@@ -131,6 +131,19 @@ def test_matches_the_paper_over_steps_in_float64(name, recompute):
   assert len(traces) - compiled_before <= 1  # one compilation for every step
 
 
+@pytest.mark.parametrize("name", WEIGHTINGS)
+def test_a_step_may_donate_the_state(name):
+  """Every field in a buffer of its own (DWA's two counters once shared one, and a
+  jitted step donating the state failed: the same buffer donated twice)."""
+  weighting = WEIGHTINGS[name]()
+  losses = jnp.asarray(loss_sequence(0)[0], jnp.float32)
+  update = jax.jit(lambda state: weighting.update(losses, state), donate_argnums=0)
+  state = weighting.init()
+  for _ in range(2):
+    state = update(state)
+  jax.block_until_ready(state)
+
+
 def test_famo_without_recomputed_losses_takes_the_next_steps_losses():
   """Not recomputing equals recomputing losses that happen to be the next step's."""
   lagged, _, lagged_step = jitted("famo", False)

@@ -445,12 +445,13 @@ def dwa(
 
   def init(dtype: Any = jnp.float32) -> DWAState:
     dtype = _check_dtype(name, dtype)
-    zero = jnp.zeros([], jnp.int32)
+    # Each field in a buffer of its own: a step that donates the state would
+    # otherwise donate one buffer twice.
     return DWAState(
-      count=zero,
+      count=jnp.zeros([], jnp.int32),
       loss_sum=jnp.zeros(num_tasks, dtype),
       averages=jnp.ones((2, num_tasks), dtype),
-      epochs=zero,
+      epochs=jnp.zeros([], jnp.int32),
     )
 
   expected = jax.eval_shape(init)
