@@ -11,7 +11,10 @@ A 24-layer MLP of width 256 (a Python loop over its layers: ~1.6M parameters,
 - ``<method> one chunk``: the same with every group in one chunk, as the update
   was before it streamed (each group's weights wait for every Gram matrix);
 - ``<method> two-pass``: the low-memory path (``task_grads_fn``), which computes
-  the gradients twice.
+  the gradients twice;
+- ``<method> tapped``: ``ogv.tapped_value_and_grad``, each layer's parameters
+  tapped where the loop uses them, so that its per-task gradients are reduced to
+  the update inside the backward pass.
 
 Reported: the step's scratch (``memory_analysis().temp_size_in_bytes``) in units
 of ``P`` floats, its compile time, and its time against ``sum_tasks`` (medians of
@@ -54,6 +57,13 @@ def task_loss(params: dict, x: jax.Array, y: jax.Array) -> jax.Array:
   return jnp.mean((x - y) ** 2)
 
 
+def tapped_losses(params: dict, carriers: dict, xs: jax.Array, ys: jax.Array) -> jax.Array:
+  for name, layer in params.items():
+    per_task = ogv.tap(layer, carriers[name])
+    xs = jax.vmap(lambda p, x: jnp.tanh(x @ p["kernel"] + p["bias"]))(per_task, xs)
+  return jnp.mean((xs - ys) ** 2, axis=(1, 2))
+
+
 def make_step(tx: optax.GradientTransformation, kind: str) -> Step:
   adam = optax.adam(1e-3)
   task_grads = ogv.task_value_and_grad(task_loss)
@@ -63,6 +73,10 @@ def make_step(tx: optax.GradientTransformation, kind: str) -> Step:
     if kind == "plain":
       total = lambda p: jax.vmap(task_loss, (None, 0, 0))(p, xs, ys).sum()  # noqa: E731
       grads, new_tx_state = jax.grad(total)(params), tx_state
+    elif kind == "tapped":
+      _, grads, new_tx_state = ogv.tapped_value_and_grad(tapped_losses, tx)(
+        params, tx_state, xs, ys
+      )
     elif kind == "two-pass":
       grads, new_tx_state = tx.update(
         None, tx_state, params, task_grads_fn=lambda p: task_grads(p, xs, ys)
@@ -102,6 +116,7 @@ def cases(num_tasks: int, methods: Sequence[str]) -> dict[str, tuple[Any, str, b
     table[method] = (tx, "stacked", False)
     table[f"{method} one chunk"] = (tx, "stacked", True)
     table[f"{method} two-pass"] = (tx, "two-pass", False)
+    table[f"{method} tapped"] = (tx, "tapped", False)
   return table
 
 

@@ -50,6 +50,9 @@ from optax_gradvac._pytree import StackedLayers as StackedLayers
 from optax_gradvac._pytree import group_names as group_names
 from optax_gradvac._serialization import from_bytes as from_bytes
 from optax_gradvac._serialization import to_bytes as to_bytes
+from optax_gradvac._tap import Carrier as Carrier
+from optax_gradvac._tap import tap as tap
+from optax_gradvac._tap import tapped_value_and_grad as tapped_value_and_grad
 from optax_gradvac._task_gradients import segment_value_and_grad as segment_value_and_grad
 from optax_gradvac._task_gradients import task_value_and_grad as task_value_and_grad
 
@@ -58,6 +61,7 @@ __version__ = "0.1.0"
 _jaxlib.warn_if_miscompiling()
 
 __all__ = (
+  "Carrier",
   "DWAState",
   "FAMOState",
   "GradNormState",
@@ -103,6 +107,8 @@ __all__ = (
   "similarity_summary",
   "stch",
   "sum_tasks",
+  "tap",
+  "tapped_value_and_grad",
   "task_value_and_grad",
   "to_bytes",
   "upgrad",

@@ -8,6 +8,7 @@ gradients, the state fields every method logs, and the weighted sum.
 """
 
 import warnings
+import weakref
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -59,7 +60,7 @@ class Method(NamedTuple):
     inputs: what ``weigh`` also needs, passed to it as keyword arguments of
       these names: ``"scale"``, the ``[G]`` powers of two that the Gram matrices
       were divided by (see :func:`_pytree.scaled_gram_matrices`; 1 unless they
-      overflowed), ``"groups"``, the :class:`GroupRange` of the chunk, or the
+      overflowed), ``"groups"``, the :class:`Groups` of the call, or the
       name of an extra keyword argument of ``update`` (such as ``"losses"``;
       ``None`` when the caller did not pass it).
   """
@@ -72,15 +73,17 @@ class Method(NamedTuple):
   inputs: tuple[str, ...] = ()
 
 
-class GroupRange(NamedTuple):
-  """The groups a call of ``weigh`` is given: ``start:stop`` of ``total``."""
+class Groups(NamedTuple):
+  """The groups a call of ``weigh`` is given: their indices among ``total``.
 
-  start: int
-  stop: int
+  ``index`` may be traced (a scanned layer's groups, see :func:`tap`).
+  """
+
+  index: jax.Array  # [G] int32
   total: int
 
 
-def _per_group_fields(method: Method, num_tasks: int) -> Any:
+def per_group_fields(method: Method, num_tasks: int) -> Any:
   """The state's structure, with True at the leaves that have a leading groups axis."""
   one, two = (
     jax.eval_shape(lambda size=size: method.init(size, num_tasks, jnp.dtype(jnp.float32)))
@@ -158,6 +161,28 @@ def _like_params(updates: optax.Updates, params: optax.Params | None) -> optax.U
   return jax.tree.map(like, updates, params)
 
 
+class Registered(NamedTuple):
+  """What :func:`gram_transformation` was built from, found again from its ``update``."""
+
+  method: Method
+  num_tasks: int
+  granularity: _pytree.Granularity
+
+
+_REGISTERED: "weakref.WeakKeyDictionary[Callable[..., Any], Registered]" = (
+  weakref.WeakKeyDictionary()
+)
+
+
+def registered(tx: Any) -> Registered | None:
+  """The method behind ``tx``, if ``tx`` is a Gram-based transformation of this library."""
+  update = getattr(tx, "update", None)
+  try:
+    return _REGISTERED.get(update)
+  except TypeError:  # not weakly referenceable: not ours
+    return None
+
+
 TASK_GRADS_FN = "task_grads_fn"  # the extra argument of update that selects the low-memory path
 
 
@@ -175,6 +200,29 @@ def _warn_if_scanned(name: str, granularity: _pytree.Granularity) -> None:
       "stacked path (pass the stacked per-task gradients to update).",
       stacklevel=1,
     )
+
+
+def weigh_groups(
+  method: Method,
+  gram: jax.Array,
+  scale: jax.Array,
+  finite: jax.Array,
+  state: State,
+  groups: Groups,
+  extra_args: dict[str, Any],
+) -> tuple[jax.Array, State]:
+  """The weights of some groups from their (scaled) Gram matrices, and their new state.
+
+  ``state`` holds these groups' rows of the per-group fields. A group whose
+  gradients are not finite takes ``method.fallback`` as every task's weight.
+  """
+  available = {**extra_args, "scale": scale, "groups": groups}
+  inputs = {name: available.get(name) for name in method.inputs}
+  weights, new_state = method.weigh(gram, state, **inputs)
+  if not method.homogeneous:
+    # The weights are those of the gradients divided by `scale` (per group).
+    weights = weights / scale[:, None]
+  return jnp.where(finite[:, None], weights, jnp.asarray(method.fallback, weights.dtype)), new_state
 
 
 def gram_transformation(
@@ -263,7 +311,7 @@ def gram_transformation(
       chunks = [_pytree.Chunk(0, len(names), list(range(len(leaves))))]
     else:
       chunks = _pytree.stream_chunks(leaves, groups)
-    per_group = _per_group_fields(method, num_tasks)
+    per_group = per_group_fields(method, num_tasks)
     reduced: list[Any] = [None] * len(leaves)
     parts = []
     for chunk in chunks:
@@ -281,20 +329,14 @@ def gram_transformation(
         recomputed=recomputed,
         model_leaves=leaves,
       )
-      groups_given = GroupRange(chunk.start, chunk.stop, len(names))
-      available = {**extra_args, "scale": scale, "groups": groups_given}
-      inputs = {name: available.get(name) for name in method.inputs}
       chunk_groups = slice(chunk.start, chunk.stop)
       sliced = jax.tree.map(
         lambda field, grouped, part=chunk_groups: field[part] if grouped else field,
         state,
         per_group,
       )
-      weights, new_state = method.weigh(gram, sliced, **inputs)
-      if not method.homogeneous:
-        # The weights are those of the gradients divided by `scale` (per group).
-        weights = weights / scale[:, None]
-      weights = jnp.where(finite[:, None], weights, jnp.asarray(method.fallback, weights.dtype))
+      given = Groups(jnp.arange(chunk.start, chunk.stop), len(names))
+      weights, new_state = weigh_groups(method, gram, scale, finite, sliced, given, extra_args)
       for index, leaf, group in zip(chunk.leaves, chunk_leaves(weights), local, strict=True):
         reduced[index] = _pytree.weighted_sum(leaf, weights, group)
       parts.append((gram, weights, new_state, finite))
@@ -316,4 +358,5 @@ def gram_transformation(
     new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
     return _like_params(jax.tree.unflatten(jax.tree.structure(tree), reduced), params), new_state
 
+  _REGISTERED[update_fn] = Registered(method, num_tasks, granularity)
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

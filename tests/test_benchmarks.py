@@ -30,6 +30,7 @@ def load(name: str) -> ModuleType:
     "peers_losses",
     "low_memory",
     "streaming",
+    "in_scan",
     "accelerator",
   ],
 )

@@ -371,12 +371,11 @@ def _surgery(
     )
 
   def weigh(
-    gram: jax.Array, state: GradVacState, *, groups: _pipeline.GroupRange
+    gram: jax.Array, state: GradVacState, *, groups: _pipeline.Groups
   ) -> tuple[jax.Array, GradVacState]:
     new_key, order_key = jax.random.split(state.key)
     # Every group's order, whichever groups this call is given.
-    order = visiting_order(order_key, groups.total, num_tasks, shuffle=shuffle)
-    order = order[groups.start : groups.stop]
+    order = visiting_order(order_key, groups.total, num_tasks, shuffle=shuffle)[groups.index]
     surgery = jax.vmap(functools.partial(gradvac_coefficients, beta=beta, eps=eps))(
       gram, state.targets, order
     )

@@ -1,0 +1,424 @@
+"""The surgery inside the backward pass: taps on scanned layers, for every stack style.
+
+``tapped_value_and_grad`` must give what the method gives on the stacked per-task
+gradients of the same model (``StackedLayers`` groups), over several steps
+(state included, a NaN step too), for ``lax.scan``, linen ``nn.scan`` and
+``nnx.scan`` stacks; and hold, within one step, only about one layer's per-task
+gradients at a time (read from the compiled executable).
+"""
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from jax_compat import enable_x64
+
+import optax_gradvac as ogv
+
+TASKS, LAYERS, WIDTH, BATCH = 3, 4, 5, 6
+GRANULARITY = ogv.StackedLayers("blocks")
+METHODS = {
+  "gradvac": functools.partial(ogv.gradvac, beta=0.3),
+  "pcgrad": ogv.pcgrad,
+  "mgda": ogv.mgda,
+  "upgrad": ogv.upgrad,
+  "cagrad": ogv.cagrad,
+  "imtl_g": ogv.imtl_g,
+  "aligned_mtl": ogv.aligned_mtl,
+  "nash_mtl": ogv.nash_mtl,
+  "fairgrad": ogv.fairgrad,
+  "dualproj": ogv.dualproj,
+  "config": ogv.config,
+  "rlw": ogv.rlw,
+}
+
+
+def init_params(dtype=np.float64) -> dict:
+  rng = np.random.default_rng(0)
+
+  def normal(*shape):
+    return (rng.normal(size=shape) / np.sqrt(shape[-1])).astype(dtype)
+
+  return {
+    "embed": {"kernel": normal(WIDTH, WIDTH), "bias": np.zeros(WIDTH, dtype)},
+    "blocks": {  # two groups per layer: mix and mlp
+      "mix": {"kernel": normal(LAYERS, WIDTH, WIDTH)},
+      "mlp": {"kernel": normal(LAYERS, WIDTH, WIDTH), "bias": np.zeros((LAYERS, WIDTH), dtype)},
+    },
+    "head": {"kernel": normal(WIDTH)},
+  }
+
+
+def task_data(step: int, dtype=np.float64) -> tuple[jax.Array, jax.Array, jax.Array]:
+  rng = np.random.default_rng(10 + step)
+  xs = rng.normal(size=(TASKS, BATCH, WIDTH)).astype(dtype)
+  ys = rng.normal(size=(TASKS, BATCH)).astype(dtype)
+  return xs, ys, np.asarray(step == 1)  # a NaN head gradient at the second step
+
+
+def block(params: dict, h: jax.Array) -> jax.Array:
+  h = jnp.tanh(h @ params["mix"]["kernel"])
+  return jnp.tanh(h @ params["mlp"]["kernel"] + params["mlp"]["bias"])
+
+
+def head_loss(params: dict, h: jax.Array, y: jax.Array, poison: jax.Array) -> jax.Array:
+  kernel = params["kernel"]
+  # A finite loss whose gradient is NaN when `poison`: 0 * NaN in the unselected branch.
+  nan_gradient = jnp.where(True, 0.0, jnp.where(poison, jnp.nan, 0.0) * jnp.sum(kernel))
+  return jnp.mean((h @ kernel - y) ** 2) + nan_gradient
+
+
+def task_loss(params, x, y, poison):
+  h = jnp.tanh(x @ params["embed"]["kernel"] + params["embed"]["bias"])
+  h, _ = jax.lax.scan(lambda h, layer: (block(layer, h), None), h, params["blocks"])
+  return head_loss(params["head"], h, y, poison)
+
+
+def tapped_losses(params, carriers, xs, ys, poison):
+  embed = ogv.tap(params["embed"], carriers["embed"])
+  h = jax.vmap(lambda p, x: jnp.tanh(x @ p["kernel"] + p["bias"]))(embed, xs)
+
+  @jax.checkpoint
+  def body(h, slices):
+    return jax.vmap(block)(ogv.tap(*slices), h), None
+
+  h, _ = jax.lax.scan(body, h, (params["blocks"], carriers["blocks"]))
+  head = ogv.tap(params["head"], carriers["head"])
+  return jax.vmap(head_loss, (0, 0, 0, None))(head, h, ys, poison)
+
+
+def close(got, expected):
+  if jnp.issubdtype(got.dtype, jax.dtypes.prng_key):
+    got, expected = jax.random.key_data(got), jax.random.key_data(expected)
+  # The same float64 computations but for the order of the per-task backward
+  # passes' sums (about 1e-16 relative), through solvers whose tolerance is
+  # FairGrad's (Newton residuals of ~4e-14, amplified by the Gram matrices'
+  # conditioning, below 1e4 here): as the streaming test, test_streaming.py.
+  np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_tapped_lax_scan_equals_the_stacked_path(name):
+  """Three float64 steps; at the second the head's gradient is NaN (its sum, the state kept)."""
+
+  def stacked_fn(params, xs, ys, poison):
+    return ogv.task_value_and_grad(task_loss)(params, xs, ys, poison)[1]
+
+  # task_value_and_grad vmaps every argument after params: poison gets a task axis.
+  def stacked_batches(batch):
+    xs, ys, poison = batch
+    return xs, ys, np.broadcast_to(poison, (TASKS,))
+
+  batches = [task_data(step) for step in range(3)]
+  with enable_x64(True):
+    tx = METHODS[name](TASKS, granularity=GRANULARITY)
+    stacked = jax.jit(lambda p, s, *b: tx.update(stacked_fn(p, *b), s, p))
+    tapped = jax.jit(ogv.tapped_value_and_grad(tapped_losses, tx))
+    params = init_params()
+    state = tx.init(params)
+    for step, batch in enumerate(batches):
+      # Both paths from the same parameters and state: each step is compared on its own.
+      updates, new_state = stacked(params, state, *stacked_batches(batch))
+      losses, tapped_updates, tapped_state = tapped(params, state, *batch)
+      jax.tree.map(close, tapped_updates, updates)
+      jax.tree.map(close, tapped_state, new_state)
+      assert losses.shape == (TASKS,)
+      if step == 1:  # the NaN step: the head passes its sum, the state is kept
+        assert not np.isfinite(np.asarray(tapped_updates["head"]["kernel"])).any()
+        assert np.isfinite(np.asarray(tapped_updates["blocks"]["mix"]["kernel"])).all()
+        jax.tree.map(
+          lambda a, b: np.testing.assert_array_equal(_data(a), _data(b)), tapped_state, state
+        )
+      params = jax.tree.map(lambda p, u: p - 0.1 * jnp.nan_to_num(u), params, updates)
+      state = new_state
+    assert int(state.count) == 2
+
+
+def _data(leaf):
+  return jax.random.key_data(leaf) if jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key) else leaf
+
+
+class LinenBlock(nn.Module):
+  @nn.compact
+  def __call__(self, h, _):
+    return nn.LayerNorm()(jnp.tanh(nn.Dense(WIDTH)(h))), None
+
+
+class LinenModel(nn.Module):
+  """Blocks stacked by ``nn.scan``: ``params["blocks"]`` leaves are ``[LAYERS, ...]``."""
+
+  @nn.compact
+  def __call__(self, x):
+    blocks = nn.scan(
+      LinenBlock, variable_axes={"params": 0}, split_rngs={"params": True}, length=LAYERS
+    )
+    h, _ = blocks(name="blocks")(nn.Dense(WIDTH, name="embed")(x), None)
+    return nn.Dense(1, name="head")(h)[..., 0]
+
+
+def linen_tapped_losses(params, carriers, xs, ys):
+  """The recipe: the same modules, the scan written with lax.scan over tapped layers."""
+
+  def apply(module, tapped, *inputs):
+    return jax.vmap(lambda p, *x: module.apply({"params": p}, *x))(tapped, *inputs)
+
+  h = apply(nn.Dense(WIDTH), ogv.tap(params["embed"], carriers["embed"]), xs)
+
+  @jax.checkpoint
+  def body(h, slices):
+    return apply(LinenBlock(), ogv.tap(*slices), h, None)[0], None
+
+  h, _ = jax.lax.scan(body, h, (params["blocks"], carriers["blocks"]))
+  out = apply(nn.Dense(1), ogv.tap(params["head"], carriers["head"]), h)[..., 0]
+  return jnp.mean((out - ys) ** 2, axis=1)
+
+
+class NnxModel(nnx.Module):
+  """Blocks made by ``nnx.vmap`` and run by ``nnx.scan``."""
+
+  def __init__(self, rngs: nnx.Rngs):
+    @nnx.split_rngs(splits=LAYERS)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def make_blocks(rngs):
+      return nnx.Linear(WIDTH, WIDTH, rngs=rngs)
+
+    self.blocks = make_blocks(rngs)
+    self.head = nnx.Linear(WIDTH, 1, rngs=rngs)
+
+  def __call__(self, x):
+    @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry)
+    def forward(block, h):
+      return jnp.tanh(block(h))
+
+    return self.head(forward(self.blocks, x))[..., 0]
+
+
+def nnx_tapped_losses(graphdefs, params, carriers, xs, ys):
+  """The recipe: each module merged from its tapped state, the scan over the stack's state."""
+  blocks, head = graphdefs
+
+  @jax.checkpoint
+  def body(h, slices):
+    layer = lambda state, h: jnp.tanh(nnx.merge(blocks, state)(h))  # noqa: E731
+    return jax.vmap(layer)(ogv.tap(*slices), h), None
+
+  h, _ = jax.lax.scan(body, xs, (params["blocks"], carriers["blocks"]))
+  tapped = ogv.tap(params["head"], carriers["head"])
+  out = jax.vmap(lambda state, h: nnx.merge(head, state)(h))(tapped, h)[..., 0]
+  return jnp.mean((out - ys) ** 2, axis=1)
+
+
+def test_linen_nn_scan_recipe_equals_the_stacked_path():
+  model = LinenModel()
+  xs, ys, _ = task_data(0)
+  with enable_x64(True):
+    params = jax.tree.map(
+      lambda p: p.astype(jnp.float64), model.init(jax.random.key(0), xs[0])["params"]
+    )
+    tx = ogv.gradvac(TASKS, 0.3, granularity=GRANULARITY)
+
+    def task_loss(params, x, y):
+      return jnp.mean((model.apply({"params": params}, x) - y) ** 2)
+
+    stacked = jax.jit(
+      lambda p, s, x, y: tx.update(ogv.task_value_and_grad(task_loss)(p, x, y)[1], s, p)
+    )
+    tapped = jax.jit(ogv.tapped_value_and_grad(linen_tapped_losses, tx))
+    state = tx.init(params)
+    assert len(ogv.group_names(params, GRANULARITY)) == 2 * LAYERS + 2  # Dense, LayerNorm
+    for step in range(3):
+      xs, ys, _ = task_data(step)
+      updates, new_state = stacked(params, state, xs, ys)
+      _, tapped_updates, tapped_state = tapped(params, state, xs, ys)
+      jax.tree.map(close, tapped_updates, updates)
+      jax.tree.map(close, tapped_state, new_state)
+      params, state = (
+        optax.apply_updates(params, jax.tree.map(lambda u: -0.1 * u, updates)),
+        new_state,
+      )
+    assert state.corrected.any()
+
+
+def test_nnx_scan_recipe_equals_the_stacked_path_and_trains_with_nnx_optimizer():
+  with enable_x64(True):
+    model = NnxModel(nnx.Rngs(0))
+    graphdef, params = nnx.split(model, nnx.Param)
+    params = jax.tree.map(lambda p: p.astype(jnp.float64), params)
+    nnx.update(model, params)
+    graphdefs = (nnx.graphdef(model.blocks), nnx.graphdef(model.head))
+    tx = ogv.gradvac(TASKS, 0.3, granularity=GRANULARITY)
+
+    def task_loss(params, x, y):
+      return jnp.mean((nnx.merge(graphdef, params)(x) - y) ** 2)
+
+    stacked = jax.jit(
+      lambda p, s, x, y: tx.update(ogv.task_value_and_grad(task_loss)(p, x, y)[1], s, p)
+    )
+    losses = functools.partial(nnx_tapped_losses, graphdefs)
+    tapped = jax.jit(ogv.tapped_value_and_grad(losses, tx))
+    state = tx.init(params)
+    optimizer = nnx.Optimizer(model, optax.sgd(0.1), wrt=nnx.Param)
+    first = np.array(jax.tree.leaves(params["blocks"])[0])
+    for step in range(3):
+      xs, ys, _ = task_data(step)
+      params = nnx.state(model, nnx.Param)
+      updates, new_state = stacked(params, state, xs, ys)
+      _, tapped_updates, tapped_state = tapped(params, state, xs, ys)
+      jax.tree.map(close, tapped_updates, updates)
+      jax.tree.map(close, tapped_state, new_state)
+      optimizer.update(model, tapped_updates)
+      state = tapped_state
+    assert int(state.count) == 3
+    assert not np.allclose(jax.tree.leaves(nnx.state(model, nnx.Param)["blocks"])[0], first)
+
+
+def mlp_params(depth: int, width: int) -> dict:
+  rng = np.random.default_rng(0)
+  kernel = rng.normal(size=(depth, width, width)) / np.sqrt(width)
+  return {
+    "blocks": {"kernel": kernel.astype(np.float32), "bias": np.zeros((depth, width), np.float32)}
+  }
+
+
+def mlp_layer(params, h):
+  return jnp.tanh(h @ params["kernel"] + params["bias"])
+
+
+@pytest.mark.parametrize("num_tasks", [8, 32])
+def test_in_scan_step_holds_one_layer_of_per_task_gradients(num_tasks):
+  """Scratch at most the plain step's (same remat) plus 3 T x the largest layer leaf.
+
+  A 16-layer scanned MLP of width 64 (``P`` = 66,560 floats, the largest layer
+  leaf ``M`` = 4,096): the bound is plain + 0.74 P at T = 8 and + 5.9 P at T = 32,
+  while the stacked step holds the ``T x P`` stacked gradients and more.
+  """
+  depth, width, batch = 16, 64, 4
+  params = mlp_params(depth, width)
+  size = sum(leaf.size for leaf in jax.tree.leaves(params))
+  largest = width * width
+  rng = np.random.default_rng(1)
+  xs = rng.normal(size=(num_tasks, batch, width)).astype(np.float32)
+  ys = rng.normal(size=(num_tasks, batch, width)).astype(np.float32)
+  tx = ogv.mgda(num_tasks, granularity=GRANULARITY)
+  body = jax.checkpoint(mlp_layer)
+
+  def task_loss(params, x, y):
+    h, _ = jax.lax.scan(lambda h, p: (body(p, h), None), x, params["blocks"])
+    return jnp.mean((h - y) ** 2)
+
+  def tapped_losses(params, carriers, xs, ys):
+    @jax.checkpoint
+    def step(h, slices):
+      return jax.vmap(mlp_layer)(ogv.tap(*slices), h), None
+
+    h, _ = jax.lax.scan(step, xs, (params["blocks"], carriers["blocks"]))
+    return jnp.mean((h - ys) ** 2, axis=(1, 2))
+
+  def plain(params, state):
+    return jax.grad(lambda p: jax.vmap(task_loss, (None, 0, 0))(p, xs, ys).sum())(params), state
+
+  def stacked(params, state):
+    return tx.update(ogv.task_value_and_grad(task_loss)(params, xs, ys)[1], state, params)
+
+  def tapped(params, state):
+    return ogv.tapped_value_and_grad(tapped_losses, tx)(params, state, xs, ys)[1:]
+
+  def scratch(step) -> int:
+    compiled = jax.jit(step).lower(params, tx.init(params)).compile()
+    return compiled.memory_analysis().temp_size_in_bytes // 4
+
+  bound = scratch(plain) + 3 * num_tasks * largest
+  assert scratch(tapped) <= bound, (scratch(tapped) / size, bound / size)
+  assert scratch(stacked) > num_tasks * size > bound  # what the tap saves
+
+
+def simple_losses(params, carriers, xs):
+  tapped = ogv.tap(params, carriers)
+  return jax.vmap(lambda p, x: jnp.sum((x @ p["dense"]["kernel"] + p["dense"]["bias"]) ** 2))(
+    tapped, xs
+  )
+
+
+SIMPLE = {"dense": {"kernel": np.ones((2, 2), np.float32), "bias": np.zeros(2, np.float32)}}
+XS = np.ones((TASKS, 1, 2), np.float32)
+
+
+def test_bad_uses_are_reported_at_trace_time():
+  tx = ogv.mgda(TASKS, granularity="layer")
+  state = tx.init(SIMPLE)
+
+  def call(losses, tx=tx, params=SIMPLE):
+    return ogv.tapped_value_and_grad(losses, tx)(params, state, XS)
+
+  with pytest.raises(TypeError, match="not wrapped in a chain"):
+    ogv.tapped_value_and_grad(simple_losses, optax.chain(tx))
+  with pytest.raises(ValueError, match="gradnorm needs the losses"):
+    ogv.tapped_value_and_grad(simple_losses, ogv.gradnorm(TASKS))
+
+  def split_group(params, carriers, xs):
+    kernel = ogv.tap(params["dense"]["kernel"], carriers["dense"]["kernel"])
+    bias = ogv.tap(params["dense"]["bias"], carriers["dense"]["bias"])
+    return jax.vmap(lambda k, b, x: jnp.sum(x @ k + b))(kernel, bias, xs)
+
+  with pytest.raises(
+    ValueError, match="group 'dense' has 2 parameter leaves but this tap is given 1"
+  ):
+    call(split_group)
+
+  def untapped(params, carriers, xs):
+    return jnp.sum(xs @ params["dense"]["kernel"], axis=(1, 2))
+
+  with pytest.raises(ValueError, match=r"group\(s\) \['dense'\] were not tapped"):
+    call(untapped)
+  with pytest.raises(TypeError, match="'dense/bias' is an array, not a Carrier"):
+    call(lambda params, carriers, xs: simple_losses(params, params, xs))
+  with pytest.raises(ValueError, match="the carriers must have the structure of the parameters"):
+    call(lambda params, carriers, xs: simple_losses(params, carriers["dense"], xs))
+  with pytest.raises(ValueError, match=r"must return the \[3\] per-task losses, got shape \(\)"):
+    call(lambda params, carriers, xs: simple_losses(params, carriers, xs).sum())
+
+  stacked = mlp_params(2, 2)
+  stacked_tx = ogv.mgda(TASKS, granularity=GRANULARITY)
+
+  def unscanned(params, carriers, xs):
+    tapped = ogv.tap(params, carriers)
+    return jax.vmap(lambda p, x: jnp.sum(x @ p["blocks"]["kernel"][0]))(tapped, xs)
+
+  with pytest.raises(ValueError, match="'blocks/bias' is tapped with the carrier of 2 stacked"):
+    ogv.tapped_value_and_grad(unscanned, stacked_tx)(stacked, stacked_tx.init(stacked), XS)
+
+
+def test_an_untapped_embedding_gets_the_plain_gradient_of_the_summed_losses():
+  """The scaling guide's huge-embedding recipe: one gradient for it, the surgery for the rest."""
+  params = init_params()
+  embed, rest = params["embed"], {name: params[name] for name in ("blocks", "head")}
+  xs, ys, poison = task_data(0)
+  tx = ogv.gradvac(TASKS, 0.3, granularity=GRANULARITY)
+
+  def losses(rest, carriers, embed, xs, ys):
+    embedded = jax.vmap(lambda x: jnp.tanh(x @ embed["kernel"] + embed["bias"]))(xs)
+
+    @jax.checkpoint
+    def body(h, slices):
+      return jax.vmap(block)(ogv.tap(*slices), h), None
+
+    h, _ = jax.lax.scan(body, embedded, (rest["blocks"], carriers["blocks"]))
+    head = ogv.tap(rest["head"], carriers["head"])
+    return jax.vmap(head_loss, (0, 0, 0, None))(head, h, ys, poison)
+
+  with enable_x64(True):
+    state = tx.init(rest)
+    step = jax.jit(ogv.tapped_value_and_grad(losses, tx, summed_argnums=0))
+    _, (updates, embed_grads), new_state = step(rest, state, embed, xs, ys)
+    _, stacked = ogv.task_value_and_grad(task_loss)(params, xs, ys, np.zeros(TASKS, bool))
+    expected, expected_state = tx.update({name: stacked[name] for name in rest}, state, rest)
+    jax.tree.map(close, updates, expected)
+    jax.tree.map(close, new_state, expected_state)
+    jax.tree.map(close, embed_grads, jax.tree.map(lambda g: g.sum(0), stacked["embed"]))
+    with pytest.raises(ValueError, match="summed_argnums has 3, but the step was given 3"):
+      ogv.tapped_value_and_grad(losses, tx, summed_argnums=3)(rest, state, embed, xs, ys)
