@@ -49,7 +49,8 @@ class Carrier:
   with the same leading layer axis, so a scan carries them along.
   """
 
-  def __init__(self, index: Any, rows: Any, others: Any, spec: _Spec, group: str, size: int):
+  # `spec` is a private _Spec, typed Any here so that the public API names no private type.
+  def __init__(self, index: Any, rows: Any, others: Any, spec: Any, group: str, size: int):
     self.index = index  # the group's index among the model's groups
     self.rows = rows  # the group's rows of the per-group state fields, and _FINITE
     self.others = others  # the state's fields without a groups axis (a key)
@@ -57,11 +58,11 @@ class Carrier:
     self.group = group  # the group's name (of its first layer, in a stack)
     self.size = size  # how many leaves the group has (in each layer)
 
-  def tree_flatten(self) -> tuple[tuple[Any, ...], tuple[_Spec, str, int]]:
+  def tree_flatten(self) -> tuple[tuple[Any, ...], tuple[Any, str, int]]:
     return (self.index, self.rows, self.others), (self.spec, self.group, self.size)
 
   @classmethod
-  def tree_unflatten(cls, aux: tuple[_Spec, str, int], children: tuple[Any, ...]) -> "Carrier":
+  def tree_unflatten(cls, aux: tuple[Any, str, int], children: tuple[Any, ...]) -> "Carrier":
     return cls(*children, *aux)
 
   def __repr__(self) -> str:
