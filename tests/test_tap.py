@@ -422,3 +422,18 @@ def test_an_untapped_embedding_gets_the_plain_gradient_of_the_summed_losses():
     jax.tree.map(close, embed_grads, jax.tree.map(lambda g: g.sum(0), stacked["embed"]))
     with pytest.raises(ValueError, match="summed_argnums has 3, but the step was given 3"):
       ogv.tapped_value_and_grad(losses, tx, summed_argnums=3)(rest, state, embed, xs, ys)
+
+
+def test_aux_comes_back_with_the_losses():
+  tx = ogv.mgda(TASKS, granularity="layer")
+
+  def losses_and_aux(params, carriers, xs):
+    losses = simple_losses(params, carriers, xs)
+    return losses, {"largest": jnp.max(losses)}
+
+  step = jax.jit(ogv.tapped_value_and_grad(losses_and_aux, tx, has_aux=True))
+  (losses, aux), updates, state = step(SIMPLE, tx.init(SIMPLE), XS)
+  plain = jax.jit(ogv.tapped_value_and_grad(simple_losses, tx))(SIMPLE, tx.init(SIMPLE), XS)
+  np.testing.assert_array_equal(losses, plain[0])
+  assert float(aux["largest"]) == float(jnp.max(plain[0]))
+  jax.tree.map(np.testing.assert_array_equal, (updates, state), plain[1:])
