@@ -261,9 +261,10 @@ def tapped_value_and_grad(
   their own carriers (in a scan body, one layer's slice of both). The
   gradient of the summed losses is then ``tx``'s update, computed layer by
   layer inside the backward pass: equal to ``tx.update`` of the stacked
-  per-task gradients (to float rounding), without ever holding more than one
-  layer's per-task gradients (how much XLA holds at once is its scheduler's
-  choice; see the scaling guide).
+  per-task gradients (to float rounding). Inside a scan (the body under
+  ``jax.checkpoint``), the step then holds about one layer's per-task
+  gradients at a time, not the whole stack's; in a Python loop over layers
+  XLA:CPU still keeps them all (see the scaling guide).
 
   Args:
     loss_fn: ``loss_fn(params, carriers, *args) -> losses`` (``[T]``), or
