@@ -7,7 +7,8 @@ each layer gathered in the scan body), Auto axes. For each layout it prints one
 JSON object: the largest difference between the sharded in-scan step's update and
 state and the same step on one device (float64), the per-device scratch of the
 in-scan step and of the plain step (gradient of the summed loss, same layout), the
-largest result of each collective in the in-scan step's HLO, and the sizes.
+same at half the depth, the largest result of each collective in the in-scan step's
+HLO, and the sizes.
 """
 
 import json
@@ -79,27 +80,37 @@ def main() -> None:
     losses, _ = make_losses(layout)
     return jax.jit(ogv.tapped_value_and_grad(losses, tx))
 
-  state = tx.init(params)
-  reference = step("data")(params, state, xs, ys)[1:]
-  for layout in ("data", "fsdp"):
+  def sharded_inputs(layout, depth):
     specs = {
       "kernel": P(None, None, AXIS) if layout == "fsdp" else P(),
       "bias": P(None, AXIS) if layout == "fsdp" else P(),
     }
     sharded = {
       "blocks": {
-        name: jax.device_put(leaf, NamedSharding(mesh, specs[name]))
+        name: jax.device_put(leaf[:depth], NamedSharding(mesh, specs[name]))
         for name, leaf in params["blocks"].items()
       }
     }
     batch = NamedSharding(mesh, P(None, AXIS))
-    data = [jax.device_put(array, batch) for array in (xs, ys)]
+    return sharded, [jax.device_put(array, batch) for array in (xs, ys)]
+
+  def temps(layout, depth):
+    """Per-device scratch bytes of the in-scan and the plain step with ``depth`` layers."""
+    sharded, data = sharded_inputs(layout, depth)
+    state = tx.init(sharded)
+    _, plain = make_losses(layout)
+    tapped = step(layout).lower(sharded, state, *data).compile()
+    plain = jax.jit(jax.grad(plain)).lower(sharded, *data).compile()
+    return tapped, plain.memory_analysis().temp_size_in_bytes
+
+  state = tx.init(params)
+  reference = step("data")(params, state, xs, ys)[1:]
+  for layout in ("data", "fsdp"):
     with jax.set_mesh(mesh):
-      tapped = step(layout)
-      compiled = tapped.lower(sharded, state, *data).compile()
-      got = tapped(sharded, state, *data)[1:]
-      _, plain = make_losses(layout)
-      plain_compiled = jax.jit(jax.grad(plain)).lower(sharded, *data).compile()
+      sharded, data = sharded_inputs(layout, NUM_LAYERS)
+      got = step(layout)(sharded, state, *data)[1:]
+      compiled, plain_temp = temps(layout, NUM_LAYERS)
+      half, half_plain_temp = temps(layout, NUM_LAYERS // 2)
 
     def difference(a, b):
       if jnp.issubdtype(a.dtype, jax.dtypes.prng_key):
@@ -112,9 +123,12 @@ def main() -> None:
       "layout": layout,
       "difference": worst,
       "temp_bytes": compiled.memory_analysis().temp_size_in_bytes,
-      "plain_temp_bytes": plain_compiled.memory_analysis().temp_size_in_bytes,
+      "plain_temp_bytes": plain_temp,
+      "half_depth_temp_bytes": half.memory_analysis().temp_size_in_bytes,
+      "half_depth_plain_temp_bytes": half_plain_temp,
       **largest_collectives(compiled.as_text()),
       "num_tasks": NUM_TASKS,
+      "num_layers": NUM_LAYERS,
       "largest_param": WIDTH * WIDTH,
       "num_params": NUM_LAYERS * (WIDTH * WIDTH + WIDTH),
       "itemsize": 8,
