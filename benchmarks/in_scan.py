@@ -21,15 +21,14 @@ interleaved repetitions).
   python benchmarks/in_scan.py [--quick] [--repeats N] [--tasks 8,32,64] [--methods gradvac,mgda]
 """
 
-import argparse
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import _harness
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import streaming
 
 import optax_gradvac as ogv
 
@@ -91,63 +90,19 @@ def make_step(tx: optax.GradientTransformation, kind: str) -> Step:
   return step
 
 
-def cases(num_tasks: int, methods: Sequence[str]) -> dict[str, tuple[Any, str]]:
-  """name -> (transformation, kind of step)."""
+def steps(num_tasks: int, methods: Sequence[str]) -> dict[str, tuple[Any, Step, bool]]:
+  """name -> (transformation, step, one chunk: never here)."""
   table = {"plain": (ogv.sum_tasks(), "plain"), "sum_tasks": (ogv.sum_tasks(), "stacked")}
   for method in methods:
     tx = getattr(ogv, method)(num_tasks, granularity=ogv.StackedLayers("layers"))
     table[f"{method} stacked"] = (tx, "stacked")
     table[f"{method} in-scan"] = (tx, "in-scan")
     table[f"{method} in-scan, no remat"] = (tx, "in-scan, no remat")
-  return table
-
-
-def measure(
-  num_tasks: int, depth: int, width: int, batch: int, methods: Sequence[str], repeats: int
-) -> list[list[object]]:
-  params = stacked_params(depth, width)
-  size = sum(leaf.size for leaf in jax.tree.leaves(params))
-  rng = np.random.default_rng(0)
-  xs = jnp.asarray(rng.normal(size=(num_tasks, batch, width)), jnp.float32)
-  ys = jnp.asarray(rng.normal(size=(num_tasks, batch, width)), jnp.float32)
-  compiled, rows = {}, {}
-  for name, (tx, kind) in cases(num_tasks, methods).items():
-    state = (tx.init(params), optax.adam(1e-3).init(params))
-    lowered = jax.jit(make_step(tx, kind)).lower(params, state, xs, ys)
-    executable, seconds = _harness.timed(lowered.compile)
-    temp = executable.memory_analysis().temp_size_in_bytes / (4 * size)
-    compiled[name] = (executable, state)
-    rows[name] = [num_tasks, name, temp, seconds]
-  times = _harness.interleaved_medians(
-    {
-      name: lambda executable=executable, state=state: executable(params, state, xs, ys)
-      for name, (executable, state) in compiled.items()
-    },
-    repeats=repeats,
-  )
-  return [[*rows[name], times[name] / times["sum_tasks"]] for name in rows]
+  return {name: (tx, make_step(tx, kind), False) for name, (tx, kind) in table.items()}
 
 
 def main(argv: Sequence[str] | None = None) -> str:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test, not data")
-  parser.add_argument("--repeats", type=int, default=None, help="timed repetitions per case")
-  parser.add_argument("--tasks", default="8,32,64", help="comma-separated numbers of tasks")
-  parser.add_argument("--methods", default="gradvac,mgda", help="comma-separated methods")
-  args = parser.parse_args(argv)
-  depth, width, batch = (3, 8, 2) if args.quick else (24, 256, 16)
-  repeats = args.repeats or (2 if args.quick else 7)
-  tasks = [4] if args.quick else [int(value) for value in args.tasks.split(",")]
-  methods = ["gradvac"] if args.quick else args.methods.split(",")
-  print(_harness.machine_line())
-  print(f"{depth} scanned layers of width {width}, {batch} examples per task, {repeats} repeats")
-  rows = [
-    row for num_tasks in tasks for row in measure(num_tasks, depth, width, batch, methods, repeats)
-  ]
-  header = ["T", "step", "scratch (P)", "compile (s)", "time / sum_tasks"]
-  table = _harness.markdown_table(header, rows)
-  print(table)
-  return table
+  return streaming.run(argv, __doc__.splitlines()[0], stacked_params, steps, "scanned layers")
 
 
 if __name__ == "__main__":

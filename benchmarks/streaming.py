@@ -121,18 +121,26 @@ def cases(num_tasks: int, methods: Sequence[str]) -> dict[str, tuple[Any, str, b
 
 
 def measure(
-  num_tasks: int, depth: int, width: int, batch: int, methods: Sequence[str], repeats: int
+  num_tasks: int,
+  params: Any,
+  batch: int,
+  width: int,
+  steps: dict[str, tuple[Any, Step, bool]],
+  repeats: int,
 ) -> list[list[object]]:
-  params = mlp_params(depth, width)
+  """Scratch (units of P), compile time and time against ``sum_tasks`` of every step.
+
+  ``steps``: name -> (transformation, step function, whether its update takes one chunk).
+  """
   size = sum(leaf.size for leaf in jax.tree.leaves(params))
   rng = np.random.default_rng(0)
   xs = jnp.asarray(rng.normal(size=(num_tasks, batch, width)), jnp.float32)
   ys = jnp.asarray(rng.normal(size=(num_tasks, batch, width)), jnp.float32)
   compiled, rows = {}, {}
-  for name, (tx, kind, whole) in cases(num_tasks, methods).items():
+  for name, (tx, step, whole) in steps.items():
     state = (tx.init(params), optax.adam(1e-3).init(params))
     with one_chunk() if whole else contextlib.nullcontext():
-      lowered = jax.jit(make_step(tx, kind)).lower(params, state, xs, ys)
+      lowered = jax.jit(step).lower(params, state, xs, ys)
       executable, seconds = _harness.timed(lowered.compile)
     temp = executable.memory_analysis().temp_size_in_bytes / (4 * size)
     compiled[name] = (executable, state)
@@ -147,8 +155,15 @@ def measure(
   return [[*rows[name], times[name] / times["sum_tasks"]] for name in rows]
 
 
-def main(argv: Sequence[str] | None = None) -> str:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def run(
+  argv: Sequence[str] | None,
+  description: str,
+  make_params: Callable[[int, int], Any],
+  make_steps: Callable[[int, Sequence[str]], dict[str, tuple[Any, Step, bool]]],
+  model: str,
+) -> str:
+  """Parses the command line, measures every T and prints the table."""
+  parser = argparse.ArgumentParser(description=description)
   parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test, not data")
   parser.add_argument("--repeats", type=int, default=None, help="timed repetitions per case")
   parser.add_argument("--tasks", default="8,32,64", help="comma-separated numbers of tasks")
@@ -159,14 +174,28 @@ def main(argv: Sequence[str] | None = None) -> str:
   tasks = [4] if args.quick else [int(value) for value in args.tasks.split(",")]
   methods = ["gradvac"] if args.quick else args.methods.split(",")
   print(_harness.machine_line())
-  print(f"{depth} layers of width {width}, {batch} examples per task, {repeats} repeats")
+  print(f"{depth} {model} of width {width}, {batch} examples per task, {repeats} repeats")
+  params = make_params(depth, width)
   rows = [
-    row for num_tasks in tasks for row in measure(num_tasks, depth, width, batch, methods, repeats)
+    row
+    for num_tasks in tasks
+    for row in measure(num_tasks, params, batch, width, make_steps(num_tasks, methods), repeats)
   ]
   header = ["T", "step", "scratch (P)", "compile (s)", "time / sum_tasks"]
   table = _harness.markdown_table(header, rows)
   print(table)
   return table
+
+
+def steps(num_tasks: int, methods: Sequence[str]) -> dict[str, tuple[Any, Step, bool]]:
+  return {
+    name: (tx, make_step(tx, kind), whole)
+    for name, (tx, kind, whole) in cases(num_tasks, methods).items()
+  }
+
+
+def main(argv: Sequence[str] | None = None) -> str:
+  return run(argv, __doc__.splitlines()[0], mlp_params, steps, "layers")
 
 
 if __name__ == "__main__":

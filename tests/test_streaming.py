@@ -8,12 +8,12 @@ numbers (the same updates and states as with every group in one chunk).
 """
 
 import contextlib
-import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from gram_methods import METHODS
 from jax_compat import enable_x64
 
 import optax_gradvac as ogv
@@ -26,21 +26,6 @@ SHAPES = {
   "dense_0": {"kernel": (6, 5), "bias": (5,)},
   "dense_1": {"kernel": (5, 3)},
   "head": {"w": (3,)},
-}
-METHODS = {
-  "gradvac": functools.partial(ogv.gradvac, beta=0.3),
-  "pcgrad": ogv.pcgrad,
-  "mgda": ogv.mgda,
-  "upgrad": ogv.upgrad,
-  "cagrad": ogv.cagrad,
-  "imtl_g": ogv.imtl_g,
-  "aligned_mtl": ogv.aligned_mtl,
-  "nash_mtl": ogv.nash_mtl,
-  "fairgrad": ogv.fairgrad,
-  "dualproj": ogv.dualproj,
-  "config": ogv.config,
-  "rlw": ogv.rlw,
-  "gradnorm": ogv.gradnorm,
 }
 parametrize_methods = pytest.mark.parametrize("name", METHODS)
 
