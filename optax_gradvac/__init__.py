@@ -53,6 +53,7 @@ from optax_gradvac._serialization import to_bytes as to_bytes
 from optax_gradvac._tap import Carrier as Carrier
 from optax_gradvac._tap import tap as tap
 from optax_gradvac._tap import tapped_value_and_grad as tapped_value_and_grad
+from optax_gradvac._tap import tapped_vmap as tapped_vmap
 from optax_gradvac._task_gradients import segment_value_and_grad as segment_value_and_grad
 from optax_gradvac._task_gradients import task_value_and_grad as task_value_and_grad
 
@@ -109,6 +110,7 @@ __all__ = (
   "sum_tasks",
   "tap",
   "tapped_value_and_grad",
+  "tapped_vmap",
   "task_value_and_grad",
   "to_bytes",
   "upgrad",

@@ -167,6 +167,105 @@ def tap(params: Any, carriers: Any) -> Any:
   return jax.tree.unflatten(treedef, broadcast(list(leaves), (index, others), rows))
 
 
+def tapped_vmap(fn: Callable[..., Any]) -> Callable[..., Any]:
+  r"""``fn`` over the task axis on one copy of its parameters, with a tap's backward pass.
+
+  ``tapped_vmap(fn)(params, carriers, *args)`` equals
+  ``jax.vmap(fn)(tap(params, carriers), *args)`` (every leaf of ``args`` has
+  the leading task axis; ``fn`` is one task's computation), values and
+  gradients, but its forward pass runs on ``params`` itself and saves only its
+  inputs: no ``[T, ...]`` copy of the parameters is made, so none is kept for
+  the backward pass, with or without ``jax.checkpoint``. The backward pass runs
+  ``fn`` again (vectorised over the tasks) for its per-task gradients, reduces
+  those of ``params`` as :func:`tap` does, and passes on those of ``args``;
+  arrays ``fn`` closes over get their gradient summed over the tasks. The
+  price is ``fn``'s forward pass once more, as under ``jax.checkpoint``.
+
+  Use it for a layer (or a block) whose parameters are all tapped here: in a
+  scan over a stack it needs no ``jax.checkpoint`` to hold one layer's per-task
+  gradients at a time, and in a Python loop over layers it lets XLA reduce
+  each layer's gradients before the next (see the scaling guide).
+
+  Args:
+    fn: ``fn(params, *args)`` for one task: ``params`` as given (one layer's),
+      ``args`` without their task axis.
+
+  Returns:
+    ``f(params, carriers, *args)``: ``fn`` of every task, stacked on a leading
+    task axis. ``carriers`` as for :func:`tap`.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> import optax_gradvac as ogv
+    >>> params = {"blocks": {"w": jnp.ones((3, 2, 2)) / 2}}  # 3 layers, scanned
+    >>> tx = ogv.pcgrad(2, granularity=ogv.StackedLayers("blocks"))
+    >>> dense = ogv.tapped_vmap(lambda p, h: h @ p["w"])
+    >>> def losses(params, carriers, x):  # x: [T, B, 2]
+    ...   layer = lambda h, slices: (dense(*slices, h), None)
+    ...   h, _ = jax.lax.scan(layer, x, (params["blocks"], carriers["blocks"]))
+    ...   return jnp.sum(h**2, axis=(1, 2))
+    >>> x = jnp.array([[[1.0, 0.0]], [[-1.0, 1.0]]])
+    >>> step = jax.jit(ogv.tapped_value_and_grad(losses, tx))
+    >>> task_losses, updates, state = step(params, tx.init(params), x)
+    >>> print(task_losses.shape, updates["blocks"]["w"].shape)
+    (2,) (3, 2, 2)
+  """
+
+  def call(params: Any, carriers: Any, *args: Any) -> Any:
+    _, _, matched = _carriers_of(params, carriers)
+    if not matched:
+      return jax.vmap(fn, in_axes=(None, *[0] * len(args)))(params, *args)
+    _check_task_axis(args, matched[0].spec.num_tasks)
+    # Closed-over arrays become inputs, with cotangents of their own.
+    one_task = jax.tree.map(lambda arg: arg[0], args)
+    converted, consts = jax.closure_convert(fn, params, *one_task)
+    count = len(args)
+
+    def forward_all(params: Any, consts: list[Any], args: tuple[Any, ...]) -> Any:
+      axes = (None, *[0] * count, *[None] * len(consts))
+      return jax.vmap(converted, in_axes=axes)(params, *args, *consts)
+
+    @jax.custom_vjp
+    def apply(params: Any, consts: list[Any], carriers: Any, args: tuple[Any, ...]) -> Any:
+      del carriers
+      return forward_all(params, consts, args)
+
+    def forward(params: Any, consts: list[Any], carriers: Any, args: tuple[Any, ...]) -> Any:
+      return forward_all(params, consts, args), (params, consts, carriers, args)
+
+    def backward(saved: Any, cotangent: Any) -> tuple[Any, Any, Any, Any]:
+      params, consts, carriers, args = saved
+
+      def one(task_args: tuple[Any, ...], task_cotangent: Any) -> tuple[Any, ...]:
+        _, pullback = jax.vjp(converted, params, *task_args, *consts)
+        return pullback(task_cotangent)
+
+      grads = jax.vmap(one)(args, cotangent)
+      task_grads, arg_grads, const_grads = grads[0], grads[1 : 1 + count], grads[1 + count :]
+      _, surgery = jax.vjp(tap, params, carriers)
+      update, carried = surgery(task_grads)
+      summed = [jax.tree.map(lambda grad: jnp.sum(grad, axis=0), grad) for grad in const_grads]
+      return update, summed, carried, tuple(arg_grads)
+
+    apply.defvjp(forward, backward)
+    return apply(params, consts, carriers, args)
+
+  return call
+
+
+def _check_task_axis(args: tuple[Any, ...], num_tasks: int) -> None:
+  """Every array in ``args`` has the leading task axis."""
+  leaves = jax.tree_util.tree_flatten_with_path(args)[0]
+  if not leaves:
+    raise ValueError("tapped_vmap: give fn at least one per-task argument (e.g. the inputs).")
+  for path, leaf in leaves:
+    if jnp.shape(leaf)[:1] != (num_tasks,):
+      raise ValueError(
+        f"tapped_vmap: args{jax.tree_util.keystr(path)} has shape {jnp.shape(leaf)}: "
+        f"every argument after the carriers needs the leading task axis ({num_tasks})."
+      )
+
+
 def _broadcast(spec: _Spec, names: tuple[str, ...], local: tuple[int, ...]) -> Callable[..., Any]:
   """The tap's custom-gradient broadcast, for a call with these groups."""
   num_tasks, num_groups = spec.num_tasks, len(names)

@@ -3,7 +3,8 @@
 Run by ``test_sharding_tap.py`` in a subprocess, because the device count must be
 set before JAX starts. A scanned MLP (``[L, d, d]`` kernels), data parallel (the
 batch axis split, parameters replicated) and FSDP (the kernels' last axis split,
-each layer gathered in the scan body), Auto axes. For each layout it prints one
+each layer gathered in the scan body), Auto axes; the layers tapped by ``tap`` (the
+body under ``jax.checkpoint``) or by ``tapped_vmap`` (no remat). For each it prints one
 JSON object: the largest difference between the sharded in-scan step's update and
 state and the same step on one device (float64), the per-device scratch of the
 in-scan step and of the plain step (gradient of the summed loss, same layout), the
@@ -21,6 +22,7 @@ import numpy as np
 
 NUM_TASKS, NUM_LAYERS, WIDTH, BATCH = 8, 16, 64, 16
 AXIS = "data"
+LAYOUTS = [(layout, style) for style in ("tap", "tapped_vmap") for layout in ("data", "fsdp")]
 
 
 def main() -> None:
@@ -47,7 +49,11 @@ def main() -> None:
   tx = ogv.gradvac(NUM_TASKS, 0.3, granularity=ogv.StackedLayers("blocks"))
   mesh = jax.make_mesh((8,), (AXIS,), axis_types=(AxisType.Auto,))
 
-  def make_losses(layout):
+  def make_losses(layout, style):
+    # `tap` under jax.checkpoint, `tapped_vmap` without: each against the plain step with
+    # the same remat policy.
+    remat = jax.checkpoint if style == "tap" else lambda fn: fn
+
     def gathered(p):
       if layout == "fsdp":  # the layer's parameters whole, before use
         return jax.tree.map(lambda leaf: jax.lax.with_sharding_constraint(leaf, P()), p)
@@ -56,19 +62,23 @@ def main() -> None:
     def layer(p, h):
       return jnp.tanh(h @ p["kernel"] + p["bias"])
 
+    tapped_layer = ogv.tapped_vmap(layer)
+
     def losses(params, carriers, xs, ys):
-      @jax.checkpoint
+      @remat
       def body(h, slices):
         layer_params, layer_carriers = slices
         # Gathered before the tap: the tap's [T, ...] copies are never gathered.
-        return jax.vmap(layer)(ogv.tap(gathered(layer_params), layer_carriers), h), None
+        if style == "tap":
+          return jax.vmap(layer)(ogv.tap(gathered(layer_params), layer_carriers), h), None
+        return tapped_layer(gathered(layer_params), layer_carriers, h), None
 
       h, _ = jax.lax.scan(body, xs, (params["blocks"], carriers["blocks"]))
       return jnp.mean((h - ys) ** 2, axis=(1, 2))
 
     def plain(params, xs, ys):
       def task_loss(x, y):
-        body = jax.checkpoint(lambda p, h: layer(gathered(p), h))
+        body = remat(lambda p, h: layer(gathered(p), h))
         h, _ = jax.lax.scan(lambda h, p: (body(p, h), None), x, params["blocks"])
         return jnp.mean((h - y) ** 2)
 
@@ -76,8 +86,8 @@ def main() -> None:
 
     return losses, plain
 
-  def step(layout):
-    losses, _ = make_losses(layout)
+  def step(layout, style):
+    losses, _ = make_losses(layout, style)
     return jax.jit(ogv.tapped_value_and_grad(losses, tx))
 
   def sharded_inputs(layout, depth):
@@ -94,23 +104,23 @@ def main() -> None:
     batch = NamedSharding(mesh, P(None, AXIS))
     return sharded, [jax.device_put(array, batch) for array in (xs, ys)]
 
-  def temps(layout, depth):
+  def temps(layout, style, depth):
     """Per-device scratch bytes of the in-scan and the plain step with ``depth`` layers."""
     sharded, data = sharded_inputs(layout, depth)
     state = tx.init(sharded)
-    _, plain = make_losses(layout)
-    tapped = step(layout).lower(sharded, state, *data).compile()
+    _, plain = make_losses(layout, style)
+    tapped = step(layout, style).lower(sharded, state, *data).compile()
     plain = jax.jit(jax.grad(plain)).lower(sharded, *data).compile()
     return tapped, plain.memory_analysis().temp_size_in_bytes
 
   state = tx.init(params)
-  reference = step("data")(params, state, xs, ys)[1:]
-  for layout in ("data", "fsdp"):
+  reference = step("data", "tap")(params, state, xs, ys)[1:]
+  for layout, style in LAYOUTS:
     with jax.set_mesh(mesh):
       sharded, data = sharded_inputs(layout, NUM_LAYERS)
-      got = step(layout)(sharded, state, *data)[1:]
-      compiled, plain_temp = temps(layout, NUM_LAYERS)
-      half, half_plain_temp = temps(layout, NUM_LAYERS // 2)
+      got = step(layout, style)(sharded, state, *data)[1:]
+      compiled, plain_temp = temps(layout, style, NUM_LAYERS)
+      half, half_plain_temp = temps(layout, style, NUM_LAYERS // 2)
 
     def difference(a, b):
       if jnp.issubdtype(a.dtype, jax.dtypes.prng_key):
@@ -121,6 +131,7 @@ def main() -> None:
     worst = max(jax.tree.leaves(jax.tree.map(difference, got, reference)))
     report = {
       "layout": layout,
+      "style": style,
       "difference": worst,
       "temp_bytes": compiled.memory_analysis().temp_size_in_bytes,
       "plain_temp_bytes": plain_temp,

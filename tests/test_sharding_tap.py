@@ -3,7 +3,9 @@ layer's per-task gradients at a time.
 
 On 8 host CPU devices (a subprocess: ``sharding_tap_check.py``), a 16-layer scanned
 MLP tapped in its scan body, data parallel (batch split, parameters replicated) and
-FSDP (kernels split, each layer gathered before its tap), Auto axes, float64:
+FSDP (kernels split, each layer gathered before its tap), Auto axes, float64, the
+layers tapped by ``tap`` (body under ``jax.checkpoint``) or ``tapped_vmap`` (no remat,
+against the plain step without remat too):
 
 - the update and state equal the same step's on one device (to 1e-9: the sums over
   the batch shards are ordered differently, which the solvers may amplify, as in
@@ -30,13 +32,17 @@ _SCRIPT = pathlib.Path(__file__).with_name("sharding_tap_check.py")
 
 @pytest.fixture(scope="module")
 def reports() -> dict[str, dict]:
-  key = lambda report: report["layout"]  # noqa: E731
-  return host_devices.reports(_SCRIPT, key, ["data", "fsdp"], timeout=600)
+  key = lambda report: (report["layout"], report["style"])  # noqa: E731
+  return host_devices.reports(_SCRIPT, key, CASES, timeout=600)
 
 
-@pytest.mark.parametrize("layout", ["data", "fsdp"])
-def test_tapped_step_on_a_mesh(reports: dict, layout: str) -> None:
-  report = reports[layout]
+CASES = [(layout, style) for style in ("tap", "tapped_vmap") for layout in ("data", "fsdp")]
+
+
+@pytest.mark.parametrize("case", CASES, ids=["-".join(case) for case in CASES])
+def test_tapped_step_on_a_mesh(reports: dict, case: tuple[str, str]) -> None:
+  report = reports[case]
+  layout = case[0]
   assert report["difference"] <= 1e-9, report
   assert report["all-reduce"] > 0  # the parser sees the collectives
   assert report["all-gather"] <= report["largest_param"], report
