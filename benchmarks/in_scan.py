@@ -12,13 +12,17 @@ as large models are, unless a case says otherwise. The jitted steps:
 - ``<method> in-scan``: ``ogv.tapped_value_and_grad``: each layer's parameters
   tapped in the scan body, so its per-task gradients are reduced to the update
   inside the scan's backward pass;
-- ``<method> in-scan, no remat``: the same without ``jax.checkpoint``.
+- ``<method> in-scan, no remat``: the same without ``jax.checkpoint``;
+- ``<method> tapped_vmap, no remat``: each layer run by ``ogv.tapped_vmap`` (one copy
+  of its parameters, its per-task gradients recomputed in the backward pass), without
+  ``jax.checkpoint``.
 
 Reported: the step's scratch (``memory_analysis().temp_size_in_bytes``) in units
 of ``P`` floats, its compile time, and its time against ``sum_tasks`` (medians of
 interleaved repetitions).
 
   python benchmarks/in_scan.py [--quick] [--repeats N] [--tasks 8,32,64] [--methods gradvac,mgda]
+      [--batch 16]
 """
 
 from collections.abc import Callable, Sequence
@@ -58,12 +62,16 @@ def task_loss(params: dict, x: jax.Array, y: jax.Array, remat: bool = True) -> j
   return jnp.mean((x - y) ** 2)
 
 
+tapped_layer = ogv.tapped_vmap(layer)
+
+
 def tapped_losses(
-  params: dict, carriers: dict, xs: jax.Array, ys: jax.Array, remat: bool
+  params: dict, carriers: dict, xs: jax.Array, ys: jax.Array, remat: bool, fused: bool = False
 ) -> jax.Array:
   def step(h: jax.Array, slices: Any) -> tuple[jax.Array, None]:
-    per_task = ogv.tap(*slices)
-    return jax.vmap(layer)(per_task, h), None
+    if fused:
+      return tapped_layer(*slices, h), None
+    return jax.vmap(layer)(ogv.tap(*slices), h), None
 
   step = jax.checkpoint(step) if remat else step
   h, _ = jax.lax.scan(step, xs, (params["layers"], carriers["layers"]))
@@ -79,8 +87,11 @@ def make_step(tx: optax.GradientTransformation, kind: str) -> Step:
     if kind == "plain":
       total = lambda p: jax.vmap(task_loss, (None, 0, 0))(p, xs, ys).sum()  # noqa: E731
       grads, new_tx_state = jax.grad(total)(params), tx_state
-    elif kind.startswith("in-scan"):
-      losses = lambda p, c, x, y: tapped_losses(p, c, x, y, remat=kind == "in-scan")  # noqa: E731
+    elif kind.startswith(("in-scan", "tapped_vmap")):
+
+      def losses(p: Any, c: Any, x: jax.Array, y: jax.Array) -> jax.Array:
+        return tapped_losses(p, c, x, y, remat="no remat" not in kind, fused="vmap" in kind)
+
       _, grads, new_tx_state = ogv.tapped_value_and_grad(losses, tx)(params, tx_state, xs, ys)
     else:
       grads, new_tx_state = tx.update(task_grads(params, xs, ys)[1], tx_state, params)
@@ -98,6 +109,7 @@ def steps(num_tasks: int, methods: Sequence[str]) -> dict[str, tuple[Any, Step, 
     table[f"{method} stacked"] = (tx, "stacked")
     table[f"{method} in-scan"] = (tx, "in-scan")
     table[f"{method} in-scan, no remat"] = (tx, "in-scan, no remat")
+    table[f"{method} tapped_vmap, no remat"] = (tx, "tapped_vmap, no remat")
   return {name: (tx, make_step(tx, kind), False) for name, (tx, kind) in table.items()}
 
 

@@ -14,13 +14,16 @@ A 24-layer MLP of width 256 (a Python loop over its layers: ~1.6M parameters,
   the gradients twice;
 - ``<method> tapped``: ``ogv.tapped_value_and_grad``, each layer's parameters
   tapped where the loop uses them, so that its per-task gradients are reduced to
-  the update inside the backward pass.
+  the update inside the backward pass;
+- ``<method> tapped_vmap``: the same with each layer run by ``ogv.tapped_vmap``
+  (one copy of its parameters, no ``[T, ...]`` copies kept for the backward pass).
 
 Reported: the step's scratch (``memory_analysis().temp_size_in_bytes``) in units
 of ``P`` floats, its compile time, and its time against ``sum_tasks`` (medians of
 interleaved repetitions).
 
   python benchmarks/streaming.py [--quick] [--repeats N] [--tasks 8,32,64] [--methods gradvac,mgda]
+      [--batch 16]
 """
 
 import argparse
@@ -51,17 +54,32 @@ def mlp_params(depth: int, width: int) -> dict:
   }
 
 
+def dense(params: dict, x: jax.Array) -> jax.Array:
+  return jnp.tanh(x @ params["kernel"] + params["bias"])
+
+
 def task_loss(params: dict, x: jax.Array, y: jax.Array) -> jax.Array:
   for layer in params.values():
-    x = jnp.tanh(x @ layer["kernel"] + layer["bias"])
+    x = dense(layer, x)
   return jnp.mean((x - y) ** 2)
+
+
+tapped_layer = ogv.tapped_vmap(dense)
 
 
 def tapped_losses(params: dict, carriers: dict, xs: jax.Array, ys: jax.Array) -> jax.Array:
   for name, layer in params.items():
-    per_task = ogv.tap(layer, carriers[name])
-    xs = jax.vmap(lambda p, x: jnp.tanh(x @ p["kernel"] + p["bias"]))(per_task, xs)
+    xs = jax.vmap(dense)(ogv.tap(layer, carriers[name]), xs)
   return jnp.mean((xs - ys) ** 2, axis=(1, 2))
+
+
+def vmapped_losses(params: dict, carriers: dict, xs: jax.Array, ys: jax.Array) -> jax.Array:
+  for name, layer in params.items():
+    xs = tapped_layer(layer, carriers[name], xs)
+  return jnp.mean((xs - ys) ** 2, axis=(1, 2))
+
+
+TAPPED = {"tapped": tapped_losses, "tapped_vmap": vmapped_losses}
 
 
 def make_step(tx: optax.GradientTransformation, kind: str) -> Step:
@@ -73,10 +91,8 @@ def make_step(tx: optax.GradientTransformation, kind: str) -> Step:
     if kind == "plain":
       total = lambda p: jax.vmap(task_loss, (None, 0, 0))(p, xs, ys).sum()  # noqa: E731
       grads, new_tx_state = jax.grad(total)(params), tx_state
-    elif kind == "tapped":
-      _, grads, new_tx_state = ogv.tapped_value_and_grad(tapped_losses, tx)(
-        params, tx_state, xs, ys
-      )
+    elif kind in TAPPED:
+      _, grads, new_tx_state = ogv.tapped_value_and_grad(TAPPED[kind], tx)(params, tx_state, xs, ys)
     elif kind == "two-pass":
       grads, new_tx_state = tx.update(
         None, tx_state, params, task_grads_fn=lambda p: task_grads(p, xs, ys)
@@ -117,6 +133,7 @@ def cases(num_tasks: int, methods: Sequence[str]) -> dict[str, tuple[Any, str, b
     table[f"{method} one chunk"] = (tx, "stacked", True)
     table[f"{method} two-pass"] = (tx, "two-pass", False)
     table[f"{method} tapped"] = (tx, "tapped", False)
+    table[f"{method} tapped_vmap"] = (tx, "tapped_vmap", False)
   return table
 
 
@@ -168,8 +185,9 @@ def run(
   parser.add_argument("--repeats", type=int, default=None, help="timed repetitions per case")
   parser.add_argument("--tasks", default="8,32,64", help="comma-separated numbers of tasks")
   parser.add_argument("--methods", default="gradvac,mgda", help="comma-separated methods")
+  parser.add_argument("--batch", type=int, default=16, help="examples per task")
   args = parser.parse_args(argv)
-  depth, width, batch = (3, 8, 2) if args.quick else (24, 256, 16)
+  depth, width, batch = (3, 8, 2) if args.quick else (24, 256, args.batch)
   repeats = args.repeats or (2 if args.quick else 7)
   tasks = [4] if args.quick else [int(value) for value in args.tasks.split(",")]
   methods = ["gradvac"] if args.quick else args.methods.split(",")

@@ -117,27 +117,32 @@ def stateless(name: str, group_weights: Callable[[jax.Array], jax.Array], **opti
   return Method(name, gram_state, weigh, **options)
 
 
-def _after(params: optax.Params, dependency: Any) -> optax.Params:
-  """``params``, equal but computed from ``dependency``: what follows waits for it.
+def after(tree: Any, dependency: Any) -> Any:
+  """``tree``, equal but computed from ``dependency``: what follows waits for it.
 
   Without this, the second call of the same gradient function on the same
   parameters is a copy of the first that XLA merges into it (common
   subexpression elimination), which keeps every gradient alive until the
-  weighted sum. An optimization barrier alone is not enough: XLA:CPU removes
-  barriers before it merges. So the parameters are also multiplied by a one that
-  XLA cannot prove to be one: ``1 + min(|s|, 0)`` with ``s`` a sum of
+  weighted sum; and XLA:CPU's scheduler may run what reads ``tree`` before
+  ``dependency`` is done. An optimization barrier alone is not enough: XLA:CPU
+  removes barriers. So the floating-point leaves are also multiplied by a one
+  that XLA cannot prove to be one: ``1 + min(|s|, 0)`` with ``s`` a sum of
   ``dependency`` (a NaN ``s`` mapped to 0). Multiplying by one changes no value.
   """
-  params, dependency = jax.lax.optimization_barrier((params, dependency))
+  leaves, treedef = jax.tree.flatten(tree)
+  floating = [jnp.issubdtype(leaf.dtype, jnp.floating) for leaf in leaves]
+  kept = [leaf for leaf, is_float in zip(leaves, floating, strict=True) if is_float]
+  kept, dependency = jax.lax.optimization_barrier((kept, dependency))
   total = sum(jnp.sum(leaf.astype(jnp.float32)) for leaf in jax.tree.leaves(dependency))
   one = 1 + jnp.where(jnp.isnan(total), 0, jnp.minimum(jnp.abs(total), 0))
-
-  def multiplied(param: jax.Array) -> jax.Array:
-    if not jnp.issubdtype(param.dtype, jnp.floating):
-      return param
-    return param * one.astype(param.dtype)
-
-  return jax.tree.map(multiplied, params)
+  multiplied = iter([leaf * one.astype(leaf.dtype) for leaf in kept])
+  return jax.tree.unflatten(
+    treedef,
+    [
+      next(multiplied) if is_float else leaf
+      for leaf, is_float in zip(leaves, floating, strict=True)
+    ],
+  )
 
 
 def _like_params(updates: optax.Updates, params: optax.Params | None) -> optax.Updates:
@@ -246,7 +251,7 @@ def gram_transformation(
   compute the gradients ``fn(params)[1]`` afresh (the low-memory path): the
   first reduces every leaf to its Gram matrix as soon as it exists, the second
   to its weighted sum, so the ``T x P`` stacked gradients never exist at once.
-  The second pass reads ``params`` computed from the weights (:func:`_after`), so
+  The second pass reads ``params`` computed from the weights (:func:`after`), so
   XLA can neither start it early nor merge the two identical computations into
   one. sum_tasks and mean_tasks need one pass only.
   """
@@ -272,7 +277,7 @@ def gram_transformation(
     _warn_if_scanned(method.name, granularity)
 
     def computed(dependency: Any) -> Any:
-      inputs = params if dependency is None else _after(params, dependency)
+      inputs = params if dependency is None else after(params, dependency)
       grads = _checks.check_task_grads_output(method.name, task_grads_fn(inputs))
       _pytree.check_task_axis(method.name, grads, params, num_tasks)
       return grads

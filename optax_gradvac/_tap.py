@@ -245,7 +245,11 @@ def tapped_vmap(fn: Callable[..., Any]) -> Callable[..., Any]:
       _, surgery = jax.vjp(tap, params, carriers)
       update, carried = surgery(task_grads)
       summed = [jax.tree.map(lambda grad: jnp.sum(grad, axis=0), grad) for grad in const_grads]
-      return update, summed, carried, tuple(arg_grads)
+      # The inputs' gradients wait for the update, so the layers before this one make
+      # their per-task gradients only once this layer's are reduced (XLA:CPU would
+      # otherwise run several layers' backward steps ahead, each holding T x M).
+      arg_grads = _pipeline.after(tuple(arg_grads), update)
+      return update, summed, carried, arg_grads
 
     apply.defvjp(forward, backward)
     return apply(params, consts, carriers, args)
