@@ -1,12 +1,14 @@
 """The surgery inside the backward pass: taps on the parameters, scanned stacks included.
 
 A tap broadcasts some parameters to one copy per task for a task-vmapped
-forward pass. Its backward rule receives their ``[T, ...]`` per-task gradients,
-reduces them to the groups' Gram matrices, weights and weighted sums at once,
-and returns the update as the parameters' gradient: the per-task gradients of
-a tapped layer exist only while its own backward step runs. Each group's new
-state leaves as the gradient of a *carrier*, a state input that travels with
-the parameters (through a scan too), one per parameter leaf.
+forward pass (``tapped_vmap`` runs a layer over the tasks on one copy and makes
+the per-task gradients in its own backward rule). The backward rule receives
+their ``[T, ...]`` per-task gradients, reduces them to the groups' Gram
+matrices, weights and weighted sums at once, and returns the update as the
+parameters' gradient: the per-task gradients of a tapped layer exist only
+while its own backward step runs. Each group's new state leaves as the
+gradient of a *carrier*, a state input that travels with the parameters
+(through a scan too), one per parameter leaf.
 """
 
 import dataclasses
@@ -183,8 +185,10 @@ def tapped_vmap(fn: Callable[..., Any]) -> Callable[..., Any]:
 
   Use it for a layer (or a block) whose parameters are all tapped here: in a
   scan over a stack it needs no ``jax.checkpoint`` to hold one layer's per-task
-  gradients at a time, and in a Python loop over layers it lets XLA reduce
-  each layer's gradients before the next (see the scaling guide).
+  gradients at a time. The gradients of ``args`` are computed from the update,
+  so the layers that made ``args`` start their backward pass only once this
+  layer's per-task gradients are reduced: a Python loop over layers holds one
+  layer's at a time too (see the scaling guide).
 
   Args:
     fn: ``fn(params, *args)`` for one task: ``params`` as given (one layer's),
@@ -358,16 +362,18 @@ def tapped_value_and_grad(
   """The per-task losses, the method's update and its new state, in one backward pass.
 
   ``loss_fn(params, carriers, *args)`` returns the ``[T]`` per-task losses
-  of a forward pass that runs every layer over the task axis on parameters
-  given by :func:`tap` (``jax.vmap`` over the tasks' batches): ``carriers``
-  has the structure of ``params``, and each layer's parameters are tapped with
-  their own carriers (in a scan body, one layer's slice of both). The
+  of a forward pass that runs every layer over the task axis, through
+  :func:`tapped_vmap` or on parameters given by :func:`tap` (``jax.vmap`` over
+  the tasks' batches): ``carriers`` has the structure of ``params``, and each
+  layer's parameters are tapped with their own carriers (in a scan body, one
+  layer's slice of both). The
   gradient of the summed losses is then ``tx``'s update, computed layer by
   layer inside the backward pass: equal to ``tx.update`` of the stacked
-  per-task gradients (to float rounding). Inside a scan (the body under
-  ``jax.checkpoint``), the step then holds about one layer's per-task
-  gradients at a time, not the whole stack's; in a Python loop over layers
-  XLA:CPU still keeps them all (see the scaling guide).
+  per-task gradients (to float rounding). The step then holds about one
+  layer's per-task gradients at a time, not the whole stack's: with the
+  layers run by :func:`tapped_vmap`, in a scan or a Python loop; with
+  :func:`tap`, in a scan whose body is under ``jax.checkpoint`` (in a Python
+  loop XLA keeps every layer's ``[T, ...]`` copies; see the scaling guide).
 
   Args:
     loss_fn: ``loss_fn(params, carriers, *args) -> losses`` (``[T]``), or
