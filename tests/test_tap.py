@@ -99,6 +99,16 @@ def vmapped_losses(params, carriers, xs, ys, poison):
   return head(params["head"], carriers["head"], h, ys)
 
 
+def remat_vmapped_losses(params, carriers, xs, ys, poison):
+  """``vmapped_losses`` with the scan body under ``jax.checkpoint`` too."""
+  embed = ogv.tapped_vmap(lambda p, x: jnp.tanh(x @ p["kernel"] + p["bias"]))
+  layer = jax.checkpoint(lambda h, slices: (ogv.tapped_vmap(block)(*slices, h), None))
+  h = embed(params["embed"], carriers["embed"], xs)
+  h, _ = jax.lax.scan(layer, h, (params["blocks"], carriers["blocks"]))
+  head = ogv.tapped_vmap(lambda p, h, y: head_loss(p, h, y, poison))
+  return head(params["head"], carriers["head"], h, ys)
+
+
 def close(got, expected):
   if jnp.issubdtype(got.dtype, jax.dtypes.prng_key):
     got, expected = jax.random.key_data(got), jax.random.key_data(expected)
@@ -109,8 +119,17 @@ def close(got, expected):
   np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=1e-9, atol=1e-12)
 
 
-@pytest.mark.parametrize("losses", [tapped_losses, vmapped_losses], ids=["tap", "tapped_vmap"])
-@pytest.mark.parametrize("name", METHODS)
+@pytest.mark.parametrize(
+  ("name", "losses"),
+  [
+    *((name, losses) for name in METHODS for losses in (tapped_losses, vmapped_losses)),
+    ("gradvac", remat_vmapped_losses),
+  ],
+  ids=[
+    *(f"{name}-{style}" for name in METHODS for style in ("tap", "tapped_vmap")),
+    "gradvac-tapped_vmap-remat",
+  ],
+)
 def test_tapped_lax_scan_equals_the_stacked_path(name, losses):
   """Three float64 steps; at the second the head's gradient is NaN (its sum, the state kept)."""
 
