@@ -78,6 +78,14 @@ def tapped_losses(
   return jnp.mean((h - ys) ** 2, axis=(1, 2))
 
 
+# kind of tapped step -> (scan body under jax.checkpoint, layers run by tapped_vmap)
+TAPPED = {
+  "in-scan": (True, False),
+  "in-scan, no remat": (False, False),
+  "tapped_vmap, no remat": (False, True),
+}
+
+
 def make_step(tx: optax.GradientTransformation, kind: str) -> Step:
   adam = optax.adam(1e-3)
   task_grads = ogv.task_value_and_grad(task_loss)
@@ -87,10 +95,11 @@ def make_step(tx: optax.GradientTransformation, kind: str) -> Step:
     if kind == "plain":
       total = lambda p: jax.vmap(task_loss, (None, 0, 0))(p, xs, ys).sum()  # noqa: E731
       grads, new_tx_state = jax.grad(total)(params), tx_state
-    elif kind.startswith(("in-scan", "tapped_vmap")):
+    elif kind in TAPPED:
+      remat, fused = TAPPED[kind]
 
       def losses(p: Any, c: Any, x: jax.Array, y: jax.Array) -> jax.Array:
-        return tapped_losses(p, c, x, y, remat="no remat" not in kind, fused="vmap" in kind)
+        return tapped_losses(p, c, x, y, remat=remat, fused=fused)
 
       _, grads, new_tx_state = ogv.tapped_value_and_grad(losses, tx)(params, tx_state, xs, ys)
     else:

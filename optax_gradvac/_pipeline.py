@@ -130,19 +130,13 @@ def after(tree: Any, dependency: Any) -> Any:
   ``dependency`` (a NaN ``s`` mapped to 0). Multiplying by one changes no value.
   """
   leaves, treedef = jax.tree.flatten(tree)
-  floating = [jnp.issubdtype(leaf.dtype, jnp.floating) for leaf in leaves]
-  kept = [leaf for leaf, is_float in zip(leaves, floating, strict=True) if is_float]
-  kept, dependency = jax.lax.optimization_barrier((kept, dependency))
+  floating = [i for i, leaf in enumerate(leaves) if jnp.issubdtype(leaf.dtype, jnp.floating)]
+  kept, dependency = jax.lax.optimization_barrier(([leaves[i] for i in floating], dependency))
   total = sum(jnp.sum(leaf.astype(jnp.float32)) for leaf in jax.tree.leaves(dependency))
   one = 1 + jnp.where(jnp.isnan(total), 0, jnp.minimum(jnp.abs(total), 0))
-  multiplied = iter([leaf * one.astype(leaf.dtype) for leaf in kept])
-  return jax.tree.unflatten(
-    treedef,
-    [
-      next(multiplied) if is_float else leaf
-      for leaf, is_float in zip(leaves, floating, strict=True)
-    ],
-  )
+  for i, leaf in zip(floating, kept, strict=True):
+    leaves[i] = leaf * one.astype(leaf.dtype)
+  return jax.tree.unflatten(treedef, leaves)
 
 
 def _like_params(updates: optax.Updates, params: optax.Params | None) -> optax.Updates:

@@ -366,10 +366,9 @@ def tapped_value_and_grad(
   :func:`tapped_vmap` or on parameters given by :func:`tap` (``jax.vmap`` over
   the tasks' batches): ``carriers`` has the structure of ``params``, and each
   layer's parameters are tapped with their own carriers (in a scan body, one
-  layer's slice of both). The
-  gradient of the summed losses is then ``tx``'s update, computed layer by
-  layer inside the backward pass: equal to ``tx.update`` of the stacked
-  per-task gradients (to float rounding). The step then holds about one
+  layer's slice of both). The gradient of the summed losses is then ``tx``'s
+  update, computed layer by layer inside the backward pass: equal to
+  ``tx.update`` of the stacked per-task gradients (to float rounding). The step then holds about one
   layer's per-task gradients at a time, not the whole stack's: with the
   layers run by :func:`tapped_vmap`, in a scan or a Python loop; with
   :func:`tap`, in a scan whose body is under ``jax.checkpoint`` (in a Python
